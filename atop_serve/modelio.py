@@ -1,0 +1,127 @@
+"""Model folders: ``card.json`` + safetensors weights (+ the exported ``pipeline.onnx``).
+
+    <folder>/card.json               architectures, classes, RT config, provenance, measured metrics
+    <folder>/classifier.safetensors  classifier weights
+    <folder>/purifier.safetensors    purifier weights (absent in a classifier-only folder)
+
+Weights are only ever read with safetensors: a model folder can never run code through pickle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from .config import RTConfig
+from .errors import ModelError
+
+CARD = "card.json"
+CLASSIFIER_FILE = "classifier.safetensors"
+PURIFIER_FILE = "purifier.safetensors"
+ONNX_FILE = "pipeline.onnx"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
+
+
+def resolve(path=None) -> Path:
+    p = DEFAULT_MODEL_DIR if path in (None, "", "default") else Path(path)
+    if not p.is_dir():
+        raise ModelError(f"model folder {p} does not exist")
+    return p
+
+
+def read_card(path=None) -> dict:
+    p = resolve(path) / CARD
+    if not p.exists():
+        raise ModelError(f"{p.parent} is not a model folder: {CARD} is missing")
+    try:
+        card = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"corrupt model card {p}: {e}") from None
+    if not isinstance(card, dict) or "classifier" not in card or "classes" not in card:
+        raise ModelError(f"model card {p} lacks the 'classifier' or 'classes' entry")
+    return card
+
+
+def write_card(path, card: dict) -> None:
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    tmp = p / (CARD + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(p / CARD)
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def save_weights(module, path) -> str:
+    """Save a module's state dict as safetensors (atomic); returns its sha256."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp))
+    tmp.replace(path)
+    return sha256(path)
+
+
+def load_weights(module, path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"weights file {path} is missing")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"corrupt weights file {path}: {e}") from None
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:3]
+        raise ModelError(f"{path} does not match architecture {type(module).__name__}: {' '.join(first)}") from None
+
+
+def _build(kind: str, entry: dict, folder: Path, num_classes: int):
+    from .registry import create_classifier, create_purifier
+
+    arch = entry.get("arch")
+    if not arch:
+        raise ModelError(f"model card in {folder} names no {kind} architecture")
+    net = create_classifier(arch, num_classes=num_classes) if kind == "classifier" else create_purifier(arch)
+    load_weights(net, folder / entry.get("file", CLASSIFIER_FILE if kind == "classifier" else PURIFIER_FILE))
+    return net.eval()
+
+
+def load_classifier(path=None, tta: str | None = None):
+    """The classifier of a model folder (default: the shipped one) in eval mode, with the test-time
+    augmentation its card names (override with ``tta``): images in [0, 1] -> logits."""
+    from .pipeline import TTAClassifier
+
+    folder = resolve(path)
+    card = read_card(folder)
+    net = _build("classifier", card["classifier"], folder, len(card["classes"]))
+    return TTAClassifier(net, tta or card["classifier"].get("tta", "none")).eval()
+
+
+def load_purifier(path=None):
+    folder = resolve(path)
+    card = read_card(folder)
+    if "purifier" not in card:
+        raise ModelError(f"model folder {folder} holds no purifier")
+    return _build("purifier", card["purifier"], folder, 0), RTConfig.from_dict(card["purifier"]["rt"])
+
+
+def load_pipeline(path=None, samples: int = 1, tta: str | None = None):
+    """The purified classifier f(g(RT(x))) of a model folder (default: the shipped one), in eval mode."""
+    from .pipeline import PurifiedClassifier
+
+    purifier, rt = load_purifier(path)
+    for p in purifier.parameters():
+        p.requires_grad_(False)
+    classifier = load_classifier(path, tta)
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    return PurifiedClassifier(purifier, classifier, rt, samples).eval()

@@ -1,0 +1,83 @@
+"""Purifier g (an inpainting generator in the DeepFillv2 family) and its SN-PatchGAN discriminator.
+
+The purifier takes the randomly transformed image and its mask channel (N, 4, H, W) and returns the full
+repaired image (N, 3, H, W) in [0, 1]: it denoises and inpaints, and its whole output is used (no composite
+with the visible pixels, as in the AToP code), so perturbations on visible pixels are repaired too.
+
+``gated-unet`` (default): gated convolutions (feature * sigmoid(gate)), two stride-2 stages down to 8x8,
+dilated gated convolutions in the middle (dilation 1, 2, 4), and a decoder that upsamples and adds the
+encoder features. Widths are chosen so its forward FLOPs stay below the default classifier's
+(counted in the model card). ``gated-unet-paper`` is a wider configuration for GPU runs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from ..registry import register_purifier
+
+
+class GatedConv(nn.Module):
+    """DeepFillv2 gated convolution: ELU(conv_f(x)) * sigmoid(conv_g(x)), computed as one conv."""
+
+    def __init__(self, cin, cout, k=3, stride=1, dilation=1, act=True):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, 2 * cout, k, stride, padding=dilation * (k - 1) // 2, dilation=dilation)
+        self.act = act
+
+    def forward(self, x):
+        f, g = self.conv(x).chunk(2, dim=1)
+        return (F.elu(f) if self.act else f) * torch.sigmoid(g)
+
+
+class GatedUNet(nn.Module):
+    def __init__(self, width: int = 32, dilations=(1, 2, 4), in_channels: int = 4):
+        super().__init__()
+        c = width
+        self.e1 = GatedConv(in_channels, c)  # 32x32
+        self.e2 = GatedConv(c, 2 * c, stride=2)  # 16x16
+        self.e3 = GatedConv(2 * c, 4 * c, stride=2)  # 8x8
+        self.mid = nn.Sequential(*[GatedConv(4 * c, 4 * c, dilation=d) for d in dilations])
+        self.r2 = nn.Conv2d(4 * c, 2 * c, 1)
+        self.d2 = GatedConv(2 * c, 2 * c)  # 16x16
+        self.r1 = nn.Conv2d(2 * c, c, 1)
+        self.d1 = GatedConv(c, c)  # 32x32
+        self.out = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, x_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x_t: transformed images (N, 3, H, W) in [0, 1]; mask: (N, 1, H, W), 1 where a pixel is missing."""
+        h1 = self.e1(torch.cat([x_t * 2 - 1, mask], dim=1))
+        h2 = self.e2(h1)
+        h = self.mid(self.e3(h2))
+        h = self.d2(F.interpolate(self.r2(h), scale_factor=2.0, mode="nearest") + h2)
+        h = self.d1(F.interpolate(self.r1(h), scale_factor=2.0, mode="nearest") + h1)
+        return torch.sigmoid(self.out(h))
+
+
+@register_purifier
+def gated_unet() -> nn.Module:
+    return GatedUNet(width=32)
+
+
+@register_purifier
+def gated_unet_paper() -> nn.Module:
+    return GatedUNet(width=96, dilations=(1, 2, 4, 8, 1))
+
+
+class PatchDiscriminator(nn.Module):
+    """SN-PatchGAN: spectral-normalised 5x5 stride-2 convs; one score per patch (hinge loss)."""
+
+    def __init__(self, width: int = 64, in_channels: int = 4):
+        super().__init__()
+        chans = [in_channels, width, 2 * width, 4 * width, 4 * width]
+        layers = []
+        for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
+            layers.append(spectral_norm(nn.Conv2d(a, b, 5, 2 if i < 3 else 1, 2)))
+            layers.append(nn.LeakyReLU(0.2))
+        layers.append(spectral_norm(nn.Conv2d(chans[-1], 1, 3, 1, 1)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x * 2 - 1, mask], dim=1)).flatten(1)

@@ -1,0 +1,1 @@
+"""Training, evaluation and data tooling for atop-serve (needs the `train` extra: torch)."""

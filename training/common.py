@@ -1,0 +1,161 @@
+"""Shared training plumbing: device/autocast, torchrun (DDP) setup, safetensors checkpoints, progress."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from atop_serve.errors import AtopError
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int
+    world: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self, enabled: bool = True):
+        if not enabled:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.clone()
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+
+def setup_runtime(device: str = "auto") -> Runtime:
+    """Settle device and process group once. Under torchrun: gloo on CPU, nccl on CUDA."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AtopError("--device cuda requested but no CUDA GPU is available")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    dev = torch.device(device, int(os.environ.get("LOCAL_RANK", 0))) if device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True
+    return Runtime(dev, rank, world)
+
+
+def teardown(rt: Runtime) -> None:
+    if rt.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
+    """A generator fixed by (seed, epoch, stream): a resumed run draws exactly what an uninterrupted one did."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + stream)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Tensors to safetensors and metadata to JSON, each written atomically (no pickle anywhere)."""
+    path.mkdir(parents=True, exist_ok=True)
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(flat, str(path / "state.safetensors.tmp"))
+    (path / "meta.json.tmp").write_text(json.dumps(meta, indent=1))
+    os.replace(path / "state.safetensors.tmp", path / "state.safetensors")
+    os.replace(path / "meta.json.tmp", path / "meta.json")
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    try:
+        return load_file(str(path / "state.safetensors")), json.loads((path / "meta.json").read_text())
+    except FileNotFoundError:
+        raise AtopError(f"no checkpoint to resume in {path}") from None
+    except Exception as e:  # noqa: BLE001
+        raise AtopError(f"corrupt checkpoint in {path}: {e}") from None
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for gi, group in enumerate(opt.param_groups):
+        for pi, p in enumerate(group["params"]):
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    out[f"opt.{gi}.{pi}.{k}"] = v
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, gi, pi, k = key.split(".", 3)
+            p = opt.param_groups[int(gi)]["params"][int(pi)]
+            opt.state.setdefault(p, {})[k] = v.clone()
+
+
+def prefixed(prefix: str, d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in d.items()}
+
+
+def unprefixed(prefix: str, d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in d.items() if k.startswith(prefix + ".")}
+
+
+# -------------------------------------------------------------------------------------------- provenance
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, stderr=subprocess.DEVNULL, text=True
+        ).strip()
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def command_line() -> str:
+    return " ".join(["atop", *sys.argv[1:]]) if Path(sys.argv[0]).name == "atop" else " ".join(sys.argv)
+
+
+def progress(total: int, desc: str, enabled: bool = True):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, mininterval=2.0, dynamic_ncols=True)
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *a):
+        self.seconds = time.perf_counter() - self.t0
+
+
+def config_dict(cfg) -> dict:
+    return asdict(cfg)
