@@ -48,6 +48,8 @@ def train_classifier(
     adversarial: str = typer.Option("none", help="Adversarial training: none, fgsm-rs, pgd (l_inf 8/255)."),
     tta: str = typer.Option("flip-translate", help="Test-time augmentation the model card prescribes: none, flip, flip-translate."),
     limit: int = typer.Option(0, help="Train on a class-balanced subset of N images (0: all)."),
+    eval_n: int = typer.Option(0, help="Class-balanced test images for the final accuracy (0: all 10,000)."),
+    stop_after: int = typer.Option(0, help="End this run after N epochs; continue later with --resume (0: run to the end)."),
     seed: int = typer.Option(0, help="Random seed."),
     bf16: bool = typer.Option(True, help="bf16 autocast."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
@@ -61,8 +63,167 @@ def train_classifier(
     if adversarial not in ("none", "fgsm-rs", "pgd"):
         raise AtopError(f"unknown --adversarial {adversarial!r}; use none, fgsm-rs or pgd")
     cfg = ClassifierConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, adversarial=adversarial, tta=tta,
-                           limit=limit, seed=seed, bf16=bf16, device=device, data=data)
+                           limit=limit, eval_n=eval_n, stop_after=stop_after, seed=seed, bf16=bf16, device=device, data=data)
     train(cfg, out, resume=resume, show_progress=progress)
+
+
+def _purifier_cmd(mode: str, out, source, classifier_source=None, **kw):
+    from training.purifier import PurifierConfig, train
+
+    resume, progress = kw.pop("resume"), kw.pop("progress")
+    cfg = PurifierConfig(mode=mode, **kw)
+    train(cfg, out, source, resume=resume, show_progress=progress, classifier_source=classifier_source)
+
+
+@train_app.command("purifier")
+def train_purifier(
+    out: Path = typer.Option(..., help="Output model folder (classifier copied in, purifier added)."),
+    classifier: str = typer.Option("default", help="Model folder whose classifier the pipeline uses ('default': the shipped one)."),
+    arch: str = typer.Option("gated-unet", help="Purifier architecture: gated-unet, gated-unet-paper."),
+    rt: str = typer.Option("rt2", help="Random transform: rt1, rt2, rt3."),
+    sigma: float = typer.Option(0.1, help="Noise std of RT2/RT3 (images in [0, 1])."),
+    sigma_range: bool = typer.Option(False, help="Draw each image's sigma from U(0, sigma): one purifier for a sigma sweep."),
+    rate: float = typer.Option(0.25, help="Share of 4x4 blocks masked."),
+    epochs: int = typer.Option(10, help="Epochs."),
+    batch_size: int = typer.Option(256, help="Global batch size."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate of the purifier (cosine-decayed)."),
+    gan_weight: float = typer.Option(0.01, help="Weight of the hinge GAN loss relative to L1."),
+    limit: int = typer.Option(0, help="Train on a class-balanced subset of N images (0: all)."),
+    eval_n: int = typer.Option(1000, help="Balanced test images for the final clean-accuracy check."),
+    seed: int = typer.Option(0, help="Random seed."),
+    bf16: bool = typer.Option(True, help="bf16 autocast."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    data: str = DataOpt,
+    resume: bool = typer.Option(False, help="Resume from <out>/checkpoint."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """Pre-train the purifier g on RT-transformed images: hinge GAN loss + L1 reconstruction."""
+    _purifier_cmd("pretrain", out, Path(classifier) if classifier != "default" else None, arch=arch, rt=rt, sigma=sigma,
+                  sigma_range=sigma_range, rate=rate, epochs=epochs, batch_size=batch_size, lr=lr, gan_weight=gan_weight,
+                  limit=limit, eval_n=eval_n, seed=seed, bf16=bf16, device=device, data=data, resume=resume, progress=progress)
+
+
+@train_app.command("atop")
+def train_atop(
+    model: str = typer.Option(..., help="Model folder with the pre-trained purifier and the classifier."),
+    out: Path = typer.Option(..., help="Output model folder."),
+    classifier: Optional[str] = typer.Option(None, help="Take the (frozen) classifier from this model folder instead."),
+    sigma: Optional[float] = typer.Option(None, help="Noise std for fine-tuning (default: the model's RT sigma)."),
+    epochs: int = typer.Option(10, help="Epochs."),
+    batch_size: int = typer.Option(256, help="Global batch size."),
+    lr: float = typer.Option(5e-4, help="Adam learning rate of the purifier (cosine-decayed)."),
+    lam: float = typer.Option(0.05, "--lambda", help="Weight of the classification loss CE(f(g(RT(x'))), y)."),
+    warmup_epochs: int = typer.Option(0, help="Epochs with lambda = 0 first."),
+    attack: str = typer.Option("fgsm", help="Attack making x' per batch: fgsm (random start), pgd-<k>, none."),
+    attack_target: str = typer.Option("classifier", help="classifier (the paper's code) or pipeline (through g with fresh RT)."),
+    clean_fraction: float = typer.Option(0.5, help="Share of each batch left clean (variant a); the rest adversarial (b)."),
+    gan_weight: float = typer.Option(0.01, help="Weight of the hinge GAN loss relative to L1."),
+    limit: int = typer.Option(0, help="Train on a class-balanced subset of N images (0: all)."),
+    eval_n: int = typer.Option(1000, help="Balanced test images for the final clean-accuracy check."),
+    seed: int = typer.Option(0, help="Random seed."),
+    bf16: bool = typer.Option(True, help="bf16 autocast."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    data: str = DataOpt,
+    resume: bool = typer.Option(False, help="Resume from <out>/checkpoint."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+):
+    """AToP fine-tuning: only the purifier learns, L = l_g(x') + lambda * CE(f(g(RT(x'))), y), classifier frozen."""
+    from atop_serve import modelio
+
+    rt_cfg = modelio.read_card(modelio.resolve(model)).get("purifier", {}).get("rt")
+    if not rt_cfg:
+        raise AtopError(f"{model} holds no purifier: pre-train one with `atop train purifier` first")
+    _purifier_cmd("atop", out, Path(model), classifier_source=Path(classifier) if classifier else None, rt=rt_cfg["kind"], sigma=rt_cfg["sigma"] if sigma is None else sigma,
+                  rate=rt_cfg["rate"], block=rt_cfg["block"], views=rt_cfg["views"], epochs=epochs, batch_size=batch_size,
+                  lr=lr, lam=lam, warmup_epochs=warmup_epochs, attack=attack, attack_target=attack_target,
+                  clean_fraction=clean_fraction, gan_weight=gan_weight, limit=limit, eval_n=eval_n, seed=seed, bf16=bf16,
+                  device=device, data=data, resume=resume, progress=progress)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option("default", help="Model folder ('default': the shipped model); with --preset table7 a comma-separated list."),
+    threat: str = typer.Option("classifier", help="Threat model: classifier, pipeline, pipeline-fixed, transfer, bare."),
+    source: Optional[str] = typer.Option(None, help="Transfer threat: model folder whose classifier crafts the examples."),
+    attacks: str = typer.Option("clean,fgsm,pgd-20", help="Comma-separated: clean, fgsm, pgd-<k>, pgd-l2-<k>, apgd-ce, apgd-dlr, apgd-t, square, stadv, autoattack, autoattack-rand; options as name@key=value, e.g. pgd-20@eps=4/255@restarts=5."),
+    n: int = typer.Option(1000, help="Class-balanced test images (a fixed subset per seed)."),
+    batch_size: int = typer.Option(250, help="Batch size."),
+    samples: int = typer.Option(1, help="K purifications averaged per prediction."),
+    eot: int = typer.Option(8, help="EOT: gradient samples per attack step (pipeline threat)."),
+    eps: Optional[str] = typer.Option(None, help="Attack budget, e.g. 8/255 (default 8/255 l_inf, 0.5 l_2)."),
+    alpha: Optional[str] = typer.Option(None, help="PGD step size (default eps/4)."),
+    restarts: int = typer.Option(1, help="Random restarts of PGD/APGD (worst case per image)."),
+    eps_sweep: str = typer.Option("", help="Also run --sweep-attack at these eps, e.g. 0,2,4,8,16/255 (plotted)."),
+    sweep_attack: str = typer.Option("pgd-20", help="The attack of the eps sweep and the sanity checks (pgd-<k>)."),
+    sanity: bool = typer.Option(False, "--sanity", help="Run and report the sanity checks (eps sweep, unbounded, steps/EOT, Square)."),
+    sanity_queries: int = typer.Option(5000, help="Square queries in the sanity check."),
+    sigma: Optional[float] = typer.Option(None, help="Override the RT noise sigma."),
+    rt: Optional[str] = typer.Option(None, help="Override the RT kind: rt1, rt2, rt3 (table7: comma-separated list)."),
+    tta: Optional[str] = typer.Option(None, help="Override the classifier TTA: none, flip, flip-translate."),
+    quantize: bool = typer.Option(False, help="Round adversarial images to 8 bits as the service does (BPDA gradients)."),
+    seed: int = typer.Option(0, help="Seed for the subset, random starts and RT draws."),
+    bf16: bool = typer.Option(True, help="Attack gradients under bf16 autocast (accuracy is always fp32)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    data: str = DataOpt,
+    out: Optional[Path] = typer.Option(None, help="Report folder: report.json, report.md, plots, per-attack results (resumable)."),
+    grid: int = typer.Option(8, help="Images in the clean/adversarial/purified grid."),
+    preset: Optional[str] = typer.Option(None, help="table7: the paper's Table 7 grid (clean, FGSM, PGD-10/20/1000, classifier threat) over --model folders and --rt kinds."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Accuracy under attack for one threat model, with 95 % intervals; writes a resumable report folder."""
+    from training.evaluate import EvalConfig, evaluate, parse_eps_list, parse_number, table7
+
+    cfg = EvalConfig(threat=threat, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), n=n,
+                     batch_size=batch_size, samples=samples, eot=eot,
+                     eps=parse_number(eps) if eps is not None else None,
+                     alpha=parse_number(alpha) if alpha is not None else None, restarts=restarts, sigma=sigma,
+                     rt=rt, tta=tta, source=source, quantize=quantize, seed=seed, bf16=bf16, device=device, data=data,
+                     sanity=sanity, eps_sweep=parse_eps_list(eps_sweep), sweep_attack=sweep_attack,
+                     sanity_queries=sanity_queries, grid=grid)
+    if preset is not None:
+        if preset != "table7":
+            raise AtopError(f"unknown --preset {preset!r}; valid: table7")
+        if out is None:
+            raise AtopError("--preset table7 needs --out <folder>")
+        folders = [m.strip() for m in model.split(",") if m.strip()]
+        rts = [r.strip() for r in rt.split(",")] if rt else None
+        if attacks == "clean,fgsm,pgd-20":  # the default: use Table 7's columns
+            cfg.attacks = ()
+        cfg.rt = None
+        typer.echo(table7([None if f == "default" else f for f in folders], cfg, out, rts, show_progress=progress))
+        return
+    evaluate(None if model == "default" else model, cfg, show_progress=progress, out=out)
+
+
+@app.command()
+def export(
+    model: str = typer.Option("default", "--model", help="Model folder to export (card.json + safetensors), or 'default': the shipped atop_serve/models/default."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (CPU graph + verified faster variant), tensorrt (adds a Torch-TensorRT fp16 program; needs a CUDA GPU and torch_tensorrt) or all."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Serving folder to write: card.json + pipeline.onnx (+ pipeline.opt.onnx, pipeline.trt.ep). Default: the model folder itself (files added, card updated in place)."),
+    name: str = typer.Option("atop-default", "--name", help="Model name in the BentoML store ($BENTOML_HOME, default ~/bentoml)."),
+    register: bool = typer.Option(True, "--register/--no-register", help="Also save the serving folder into the BentoML model store."),
+    verify_n: int = typer.Option(1000, "--verify-n", help="Class-balanced test images for the exported-vs-PyTorch check (and the variant accuracy gate)."),
+    data: str = DataOpt,
+    optimize: bool = typer.Option(True, "--optimize/--no-optimize", help="Build, measure and (if within 0.5 point of fp32 accuracy and >=1.1x faster) ship a faster CPU variant."),
+    calib_n: int = typer.Option(256, "--calib-n", help="Training images calibrating the int8 candidate."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the verification subset and of the shared mask/noise draws."),
+    list_store: bool = typer.Option(False, "--list", help="List the BentoML store entries (name:version, size, created, metrics) and exit."),
+):
+    """Export the purified classifier to one verified ONNX graph (+ TensorRT), as a serving folder and a BentoML model.
+
+    The graph takes the random transform's draws as inputs (u_mask, z, u_mix): the server draws fresh randomness per request, verification feeds PyTorch and the graph identical draws. Every export is verified on real test images (fp32 ONNX on CPU: max |logit diff| <= 1e-4, 100 % top-1 agreement) and fails with exit status 2, leaving nothing behind, past that tolerance. See docs/export.md.
+    """
+    if list_store:
+        from export.store import format_listing, list_entries
+
+        typer.echo(format_listing(list_entries()))
+        return
+    from export.build import export_model
+
+    summary = export_model(model, out, fmt=fmt, name=name, register=register, verify_n=verify_n, data=data or None,
+                           optimize=optimize, calib_n=calib_n, seed=seed,
+                           command=" ".join(["atop", *sys.argv[1:]]), log=lambda m: typer.echo(m, err=True))
+    typer.echo(json.dumps(summary, indent=1))
 
 
 def main() -> None:

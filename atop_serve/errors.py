@@ -17,3 +17,33 @@ class ModelError(AtopError):
 
 class ExportError(AtopError):
     """An export could not be produced or failed its numerical verification."""
+
+
+class ImageError(DataError):
+    """An uploaded image cannot be used. ``http_status`` is the status the service answers with."""
+
+    http_status = 422
+
+
+class EmptyImage(ImageError):
+    """The upload holds no bytes."""
+
+    http_status = 400
+
+
+class NotAnImage(ImageError):
+    """The bytes are not an image in one of the accepted formats."""
+
+    http_status = 415
+
+
+class CorruptImage(ImageError):
+    """An accepted format, but truncated or damaged: the pixels cannot be decoded."""
+
+    http_status = 422
+
+
+class ImageTooLarge(ImageError):
+    """More pixels than the configured limit (decompression-bomb guard)."""
+
+    http_status = 413

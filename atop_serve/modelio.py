@@ -3,6 +3,7 @@
     <folder>/card.json               architectures, classes, RT config, provenance, measured metrics
     <folder>/classifier.safetensors  classifier weights
     <folder>/purifier.safetensors    purifier weights (absent in a classifier-only folder)
+    <folder>/pipeline.onnx           the exported graph (``atop export``), plus optional pipeline.opt.onnx
 
 Weights are only ever read with safetensors: a model folder can never run code through pickle.
 """
@@ -18,7 +19,9 @@ from .errors import ModelError
 CARD = "card.json"
 CLASSIFIER_FILE = "classifier.safetensors"
 PURIFIER_FILE = "purifier.safetensors"
-ONNX_FILE = "pipeline.onnx"
+ONNX_FILE = "pipeline.onnx"  # the exported fp32 graph every serving folder holds (see docs/export.md)
+OPT_ONNX_FILE = "pipeline.opt.onnx"  # optional faster CPU variant, shipped only when the card's export section says so
+TRT_FILE = "pipeline.trt.ep"  # optional Torch-TensorRT program (needs torch + torch_tensorrt + a GPU to load)
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
 
 

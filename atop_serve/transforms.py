@@ -52,4 +52,4 @@ def random_transform(x: torch.Tensor, cfg: RTConfig, inputs: RTInputs) -> tuple[
         return views[:, 0], m[:, 0]
     w = -torch.log(inputs.u_mix)
     w = (w / w.sum(dim=1, keepdim=True)).view(*w.shape, 1, 1, 1)
-    return (w * views).sum(1), (w * m).sum(1)
+    return (w * views).sum(1).clamp(0.0, 1.0), (w * m).sum(1).clamp(0.0, 1.0)  # clamp: rounding of sum(w) = 1

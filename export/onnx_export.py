@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from atop_serve.config import draw_rt_inputs_numpy
+from atop_serve.config import RTConfig, draw_rt_inputs_numpy
 from atop_serve.pipeline import PipelineGraph, PurifiedClassifier
-from atop_serve.transforms import RTInputs
 
 INPUT_NAMES = ("images", "u_mask", "z", "u_mix")
 OPSET = 18
@@ -59,15 +58,54 @@ def feed_for(session_inputs, images: np.ndarray, draws: dict) -> dict:
 
 def compare(pipeline: PurifiedClassifier, session, images: np.ndarray, k: int = 1, seed: int = 0) -> dict:
     """Run eager PyTorch and the ONNX session on identical draws; max abs logit diff and top-1 agreement."""
-    draws = draw_rt_inputs_numpy(pipeline.transform, len(images), k, np.random.default_rng(seed))
-    names = [i.name for i in session.get_inputs()]
-    onnx_logits = session.run(["logits"], feed_for(names, images, draws))[0]
-    with torch.no_grad():
-        ref = pipeline.run(torch.from_numpy(images), RTInputs(*(torch.from_numpy(draws[n]) for n in INPUT_NAMES[1:])))
-    ref_logits = ref["logits"].numpy()
+    from .verify import compare_logits, draws, eager_logits, session_logits
+
+    d = draws(pipeline.transform, len(images), k, seed)
+    res = compare_logits(eager_logits(pipeline, images, d), session_logits(session, images, d))
+    return {"max_abs_diff": res["max_abs_diff"], "top1_agreement": res["top1_agreement"], "n": res["n"], "k": k}
+
+
+def make_session(path, providers=("CPUExecutionProvider",), threads: int = 0, optimize: bool = True):
+    """An ONNX Runtime session (default CPU, all cores, full online graph optimisation: what serving uses)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    if not optimize:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=list(providers))
+
+
+def graph_contract(path, rt: RTConfig, num_classes: int) -> dict:
+    """Inputs and outputs of an exported graph as plain data (names, shapes with 'N'/'K' symbols, dtypes, meaning).
+
+    Read from the saved graph itself, so the card lists exactly what the serving session will ask for."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    meaning = {
+        "images": "RGB float32 in [0, 1], NCHW",
+        "u_mask": f"U[0, 1) per {rt.block}x{rt.block} block; block missing where u_mask < rate ({rt.rate})",
+        "z": f"N(0, 1) per pixel; noise sigma * z (sigma {rt.sigma})",
+        "u_mix": "U(0, 1] per view; mixing weights -log(u_mix), normalised (rt3)",
+        "probs": "mean over K samples of softmax(logits): the prediction",
+        "logits": "mean over K samples of the classifier logits",
+        "purified": "g(RT(x)) of the first sample",
+        "transformed": "RT(x) of the first sample",
+        "mask": "missing-pixel mask of the first sample (soft for rt3)",
+    }
+
+    def spec(v):
+        t = v.type.tensor_type
+        dims = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        return {"name": v.name, "shape": dims, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
+                "meaning": meaning.get(v.name, "")}
+
     return {
-        "max_abs_diff": float(np.abs(onnx_logits - ref_logits).max()),
-        "top1_agreement": float((onnx_logits.argmax(1) == ref_logits.argmax(1)).mean()),
-        "n": int(len(images)),
-        "k": k,
+        "inputs": [spec(v) for v in model.graph.input],
+        "outputs": [spec(v) for v in model.graph.output],
+        "dynamic": {"N": "images per request", "K": "purification samples per image"},
+        "num_classes": num_classes,
+        "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None),
     }

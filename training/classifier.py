@@ -48,6 +48,8 @@ class ClassifierConfig:
     seed: int = 0
     bf16: bool = True
     limit: int = 0  # use a class-balanced subset of N training images (tests, smoke runs); 0 = all
+    eval_n: int = 0  # test images for the final accuracy (class-balanced); 0 = all
+    stop_after: int = 0  # end this run after N epochs (a time-boxed run; continue with --resume); 0 = no
     data: str = ""
     device: str = "auto"
     extra: dict = field(default_factory=dict)
@@ -132,18 +134,18 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
     lookahead = Lookahead(model) if cfg.lookahead else None
     ddp = torch.nn.parallel.DistributedDataParallel(model) if rt.world > 1 else model
     ckpt_dir = out / "checkpoint"
-    start_epoch, elapsed = 0, 0.0
+    start_epoch, elapsed, history = 0, 0.0, []
     if resume:
         tensors, meta = common.load_checkpoint(ckpt_dir)
         model.load_state_dict(common.unprefixed("model", tensors))
         common.load_optimizer_tensors(opt, tensors)
         if lookahead:
             lookahead.state = common.unprefixed("lookahead", tensors)
-        start_epoch, elapsed = meta["epoch"] + 1, meta["elapsed"]
+        start_epoch, elapsed, history = meta["epoch"] + 1, meta["elapsed"], meta.get("history", [])
         if rt.is_main:
             print(f"resumed from {ckpt_dir} at epoch {start_epoch}")
-    history = []
-    for epoch in range(start_epoch, cfg.epochs):
+    last_epoch = cfg.epochs if not cfg.stop_after else min(cfg.epochs, start_epoch + cfg.stop_after)
+    for epoch in range(start_epoch, last_epoch):
         t0 = time.perf_counter()
         gen = common.epoch_generator(cfg.seed, epoch)
         perm = torch.randperm(len(train_set), generator=gen)[: steps_per_epoch * cfg.batch_size]
@@ -184,10 +186,18 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
             tensors = {**common.prefixed("model", model.state_dict()), **common.optimizer_tensors(opt)}
             if lookahead:
                 tensors.update(common.prefixed("lookahead", lookahead.state))
-            common.save_checkpoint(ckpt_dir, tensors, {"epoch": epoch, "elapsed": elapsed, "config": common.config_dict(cfg)})
+            common.save_checkpoint(ckpt_dir, tensors, {"epoch": epoch, "elapsed": elapsed, "history": history,
+                                                       "config": common.config_dict(cfg)})
             print(f"epoch {epoch + 1}: loss {rec['loss']:.4f}, {elapsed:.0f}s")
+    if last_epoch < cfg.epochs:
+        common.teardown(rt)
+        return {"metrics": {}, "history": history, "model": model, "stopped_at": last_epoch}
     if lookahead:
         lookahead.update(model, decay=1.0)
+    common.sync_buffers(model, rt)
+    rank_hashes = common.rank_hashes(model, rt)
+    if cfg.eval_n:
+        test_set = test_set.balanced_subset(min(cfg.eval_n, len(test_set)))
     metrics = {}
     if rt.is_main:
         for mode in ("none", "flip", "flip-translate"):
@@ -200,7 +210,7 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
                 "arch": cfg.arch, "file": modelio.CLASSIFIER_FILE, "tta": cfg.tta,
                 "dataset": {"source": train_set.source, "train_images": len(train_set), "test_images": len(test_set)},
                 "training": {"config": common.config_dict(cfg), "epochs": cfg.epochs, "wall_seconds": round(elapsed, 1),
-                             "hardware": common.hardware(), "world_size": rt.world, "command": common.command_line(),
+                             "hardware": common.hardware(), "world_size": rt.world, "rank_weight_sha256": rank_hashes, "command": common.command_line(),
                              "git_commit": common.git_commit(), "torch": torch.__version__, "history": history},
                 "metrics": {**metrics, "measured_on": f"all {len(test_set)} test images", "tta_used_by_pipeline": cfg.tta},
             },

@@ -57,6 +57,30 @@ def setup_runtime(device: str = "auto") -> Runtime:
     return Runtime(dev, rank, world)
 
 
+def sync_buffers(model: torch.nn.Module, rt: Runtime) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics are updated from each rank's own
+    shard after DDP's per-forward broadcast, so they drift apart on the last step)."""
+    if rt.world > 1:
+        for b in model.buffers():
+            dist.broadcast(b, 0)
+
+
+def rank_hashes(model: torch.nn.Module, rt: Runtime) -> list[str]:
+    """sha256 of the model's parameters and buffers on every rank (all equal after a correct DDP run)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    mine = h.hexdigest()
+    if rt.world == 1:
+        return [mine]
+    out: list = [None] * rt.world
+    dist.all_gather_object(out, mine)
+    return out
+
+
 def teardown(rt: Runtime) -> None:
     if rt.world > 1 and dist.is_initialized():
         dist.destroy_process_group()

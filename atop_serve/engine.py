@@ -1,0 +1,198 @@
+"""Run a serving folder's purified classifier f(g(RT(x))) for the service, without torch.
+
+The exported graph (``pipeline.onnx``, see export/onnx_export.py) takes images plus the RT's standard draws;
+this module draws them and runs the graph with ONNX Runtime, or, for a folder without the graph, the eager
+PyTorch pipeline when torch is installed.
+
+Rows. The service's unit of work is a row: one image with one purification sample. A request for K samples of
+an image becomes K rows whose class probabilities are averaged, exactly what the graph computes for (N=1, K),
+so rows of requests with different K batch into one call. Each row draws its RT inputs from its own seed:
+``draw_rt_inputs_numpy(rt, 1, 1, default_rng(row_seed))``; the K row seeds of a request come from
+``row_seeds(seed, K)``: from OS entropy when ``seed`` is None (fresh, unpredictable draws: the default),
+reproducibly from ``seed`` otherwise (``request_draws`` gives the same draws in graph layout (1, K, ...)).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .config import RTConfig, draw_rt_inputs_numpy
+from .errors import ModelError
+from .modelio import ONNX_FILE, read_card
+
+OUTPUTS = ("probs", "logits", "purified", "transformed", "mask")
+VIEWS = ("purified", "transformed", "mask")
+AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ randomness
+def row_seeds(seed: int | None, k: int) -> list[int]:
+    """The K per-sample seeds of one request (128-bit): from OS entropy, or reproducibly from ``seed``."""
+    words = np.random.SeedSequence(seed).generate_state(4 * k, np.uint32).reshape(k, 4)
+    return [int.from_bytes(w.tobytes(), "little") for w in words]
+
+
+def rows_draws(rt: RTConfig, seeds: Sequence[int]) -> dict[str, np.ndarray]:
+    """The draws of rows (one sample each), stacked: leading dims (len(seeds), 1, V)."""
+    per_row = [draw_rt_inputs_numpy(rt, 1, 1, np.random.default_rng(s)) for s in seeds]
+    return {name: np.concatenate([d[name] for d in per_row]) for name in per_row[0]}
+
+
+def request_draws(rt: RTConfig, seed: int | None, k: int) -> dict[str, np.ndarray]:
+    """One request's draws in the graph's layout (1, K, V, ...): what the service feeds for this seed."""
+    return {name: a.reshape(1, k, *a.shape[2:]) for name, a in rows_draws(rt, row_seeds(seed, k)).items()}
+
+
+def feed_for(input_names: Sequence[str], images: np.ndarray, draws: dict) -> dict:
+    """The feed dict for an ONNX Runtime session: images plus the draws the graph uses (it drops unused ones)."""
+    feed = {"images": images}
+    feed.update({name: draws[name] for name in input_names if name != "images"})
+    return feed
+
+
+# ------------------------------------------------------------------------------------------ engines
+class Engine:
+    """A loaded pipeline. Subclasses implement ``run``; everything else is shared."""
+
+    backend = "?"
+    providers: list[str] = []
+
+    def __init__(self, folder: Path, card: dict, rt: RTConfig):
+        self.folder, self.card, self.rt, self.classes = folder, card, rt, list(card["classes"])
+
+    def run(self, images: np.ndarray, draws: dict, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        """images float32 (N, 3, S, S) in [0, 1] and draws (N, K, V, ...) -> the named graph outputs."""
+        raise NotImplementedError
+
+    def predict_rows(self, images: np.ndarray, seeds: Sequence[int], views: Sequence[str | None] = ()):
+        """Rows -> (probs (R, C) float32, per row the uint8 (S, S, 3) image of its requested view or None).
+
+        ``images`` uint8 (R, S, S, 3), one seed per row; ``views`` (optional) names, per row, an output image
+        to return: purified, transformed or mask.
+        """
+        views = list(views) or [None] * len(seeds)
+        wanted = sorted({v for v in views if v})
+        x = np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+        out = self.run(x, rows_draws(self.rt, seeds), ["probs", *wanted])
+        pictures = [None if v is None else to_uint8(out[v][i]) for i, v in enumerate(views)]
+        return out["probs"].astype(np.float32, copy=False), pictures
+
+    def classify(self, images: np.ndarray, samples: int = 1, seeds: Sequence[int | None] | None = None) -> np.ndarray:
+        """In-process classification as the service does it: uint8 (N, S, S, 3) -> mean class probabilities (N, C)."""
+        seeds = seeds if seeds is not None else [None] * len(images)
+        rs = [s for seed in seeds for s in row_seeds(seed, samples)]
+        probs, _ = self.predict_rows(np.repeat(images, samples, axis=0), rs)
+        return probs.reshape(len(images), samples, -1).mean(1)
+
+    def describe(self) -> dict:
+        return {"backend": self.backend, "providers": list(self.providers)}
+
+
+class OnnxEngine(Engine):
+    backend = "onnxruntime"
+
+    def __init__(self, folder: Path, card: dict, rt: RTConfig, threads: int = 0, providers: Sequence[str] = ()):
+        import onnxruntime as ort
+
+        super().__init__(folder, card, rt)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(0, threads)
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle workers sleep, not spin
+        providers = choose_providers(providers)
+        try:
+            self.session = ort.InferenceSession(str(folder / ONNX_FILE), opts, providers=providers)
+        except Exception as e:  # noqa: BLE001  (onnxruntime raises its own untyped errors for bad files)
+            raise ModelError(f"cannot load {folder / ONNX_FILE}: {e}") from None
+        self.providers = self.session.get_providers()
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, images, draws, outputs):
+        values = self.session.run(list(outputs), feed_for(self.input_names, images, draws))
+        return dict(zip(outputs, values))
+
+    def describe(self) -> dict:
+        import onnxruntime as ort
+
+        return {**super().describe(), "onnxruntime": ort.__version__}
+
+
+class TorchEngine(Engine):
+    """Eager PyTorch fallback for a folder without pipeline.onnx (needs torch; never used when the graph exists)."""
+
+    backend = "pytorch"
+
+    def __init__(self, folder: Path, card: dict, rt: RTConfig, threads: int = 0):
+        import torch
+
+        from .modelio import load_pipeline
+
+        super().__init__(folder, card, rt)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.pipeline = load_pipeline(folder)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipeline.to(self.device)
+        self.providers = [self.device]
+
+    def run(self, images, draws, outputs):
+        import torch
+
+        from .transforms import RTInputs
+
+        t = lambda a: torch.from_numpy(a).to(self.device)  # noqa: E731
+        with torch.inference_mode():
+            out = self.pipeline.run(t(images), RTInputs(t(draws["u_mask"]), t(draws["z"]), t(draws["u_mix"])))
+        return {k: out[k].float().cpu().numpy() for k in outputs}
+
+    def describe(self) -> dict:
+        import torch
+
+        return {**super().describe(), "torch": torch.__version__}
+
+
+def choose_providers(requested: Sequence[str] = ()) -> list[str]:
+    """ONNX Runtime providers: the requested ones (all must be available), else CUDA when present, then CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ModelError(f"ATOP_PROVIDERS names unavailable providers {missing}; available: {available}")
+        return list(requested)
+    return [p for p in AUTO_PROVIDERS if p in available]
+
+
+def load_engine(folder: Path, threads: int = 0, providers: Sequence[str] = ()) -> Engine:
+    """The engine for a serving folder: its ONNX graph, or the eager fallback when the graph is absent."""
+    folder = Path(folder)
+    card = read_card(folder)
+    if "purifier" not in card or "rt" not in card["purifier"]:
+        raise ModelError(f"model folder {folder} holds no purifier: the service serves f(g(RT(x))) only")
+    rt = RTConfig.from_dict(card["purifier"]["rt"])
+    if (folder / ONNX_FILE).exists():
+        engine: Engine = OnnxEngine(folder, card, rt, threads, providers)
+    else:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise ModelError(f"model folder {folder} has no {ONNX_FILE} (make it with `atop export`) and torch, "
+                             "needed for the eager fallback, is not installed") from None
+        log.warning("%s has no %s: serving the eager PyTorch pipeline (slower; export the graph)", folder, ONNX_FILE)
+        engine = TorchEngine(folder, card, rt, threads)
+    probs, _ = engine.predict_rows(np.zeros((1, rt.image_size, rt.image_size, 3), np.uint8), [0])  # warm-up + check
+    if probs.shape != (1, len(engine.classes)):
+        raise ModelError(f"{folder}: the pipeline gives {probs.shape[1]} class scores but the card names "
+                         f"{len(engine.classes)} classes")
+    return engine
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """A (C, H, W) image in [0, 1] (C = 1 or 3) -> uint8 (H, W, 3)."""
+    a = np.clip(np.rint(np.asarray(image, np.float32) * 255.0), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else np.ascontiguousarray(a)

@@ -1,0 +1,118 @@
+"""The public endpoints' inputs: multipart forms, parsed and checked here so that every mistake gets a 4xx.
+
+BentoML 1.4's own multipart parsing answers 500 to common client mistakes (a text value in a file field is
+fetched as a URL; a file under an unknown field name is JSON-decoded), so these input specs read the form
+themselves: unknown, repeated or missing fields, a text value where a file belongs and out-of-range values
+each get a 400 (413: too many images) with a message naming the fix.
+"""
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from pathlib import Path
+from typing import ClassVar, Literal, Optional
+
+import bentoml
+from bentoml.exceptions import BadInput
+from pydantic import Field, ValidationError
+from starlette.datastructures import UploadFile
+
+from .engine import VIEWS
+from . import settings
+
+SETTINGS = settings.load()
+MAX_SEED = 2**63 - 1
+
+SamplesField = Field(1, ge=1, le=SETTINGS.max_samples,
+                     description=f"K purifications averaged (1..{SETTINGS.max_samples}); more is steadier, K times slower.")
+SeedField = Field(None, ge=0, le=MAX_SEED,
+                  description="Reproducible RT draws; refused (400) unless the server sets ATOP_ALLOW_SEED=1.")
+
+
+class Rejected(BadInput):
+    """A 4xx answer with the status given (BentoML maps only a few statuses to exception classes)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message, error_code=HTTPStatus(status))
+
+
+class FormInput(bentoml.IODescriptor):
+    """multipart/form-data: file fields must hold uploads; other fields a plain value (JSON or text)."""
+
+    usage: ClassVar[str] = ""
+    max_files: ClassVar[int] = 1
+
+    @classmethod
+    async def from_http_request(cls, request, serde):
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+            raise Rejected(f"send the image as multipart/form-data; {cls.usage}", 415)
+        try:
+            form = await request.form()
+        except Exception as e:  # noqa: BLE001  (starlette raises several types for a malformed body)
+            raise Rejected(f"malformed multipart/form-data body: {getattr(e, 'detail', None) or e}; {cls.usage}") from None
+        data: dict = {}
+        for key in dict.fromkeys(form.keys()):
+            data[key] = cls._field(key, form.getlist(key))
+        missing = [k for k in cls.multipart_fields if k not in data]
+        if missing:
+            raise Rejected(f"missing file field {missing[0]!r}; {cls.usage}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise Rejected(f"{_describe(e)}; {cls.usage}") from None
+
+    @classmethod
+    def _field(cls, key: str, values: list):
+        if key not in cls.model_fields:
+            raise Rejected(f"unknown field {key!r}; {cls.usage}")
+        if key in cls.multipart_fields:
+            if not all(isinstance(v, UploadFile) for v in values):
+                raise Rejected(f"field {key!r} must be a file upload (curl: -F {key}=@photo.jpg), not a text value")
+            if len(values) > cls.max_files:
+                if cls.max_files == 1:
+                    raise Rejected(f"send one file in {key!r} (use /classify_batch for several images)")
+                raise Rejected(f"too many images: {len(values)} in one request; the limit is {cls.max_files}", 413)
+            return values if cls.max_files > 1 else values[0]
+        if len(values) > 1:
+            raise Rejected(f"field {key!r} is given {len(values)} times; give it once")
+        if isinstance(values[0], UploadFile):
+            raise Rejected(f"field {key!r} takes a value, not a file")
+        try:
+            return json.loads(values[0])
+        except ValueError:
+            return values[0]
+
+
+def _describe(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "input"
+        got = f" (got {err['input']!r})" if isinstance(err.get("input"), (int, float, str)) else ""
+        parts.append(f"{where}: {err['msg']}{got}")
+    return "; ".join(parts)
+
+
+class ClassifyInput(FormInput):
+    usage: ClassVar[str] = (f"fields: image (one file, required), samples (1..{SETTINGS.max_samples}, default 1), "
+                            "seed (int, only where the server allows it)")
+    image: Path = Field(description="The image: PNG, JPEG, WebP, BMP, GIF (first frame) or TIFF, any size.")
+    samples: int = SamplesField
+    seed: Optional[int] = SeedField
+
+
+class BatchInput(FormInput):
+    usage: ClassVar[str] = (f"fields: images (1..{SETTINGS.max_images} files, repeat the field), samples "
+                            f"(1..{SETTINGS.max_samples}, default 1), seed (int, only where the server allows it)")
+    max_files: ClassVar[int] = SETTINGS.max_images
+    images: list[Path] = Field(min_length=1, description=f"1 to {SETTINGS.max_images} images, in order.")
+    samples: int = SamplesField
+    seed: Optional[int] = SeedField
+
+
+class PurifyInput(FormInput):
+    usage: ClassVar[str] = (f"fields: image (one file, required), view ({', '.join(VIEWS)}; default purified), "
+                            "seed (int, only where the server allows it)")
+    image: Path = Field(description="The image: PNG, JPEG, WebP, BMP, GIF (first frame) or TIFF, any size.")
+    view: Literal["purified", "transformed", "mask"] = Field(
+        "purified", description="purified: g(RT(x)); transformed: RT(x), the purifier's input; mask: RT's mask.")
+    seed: Optional[int] = SeedField

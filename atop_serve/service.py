@@ -1,0 +1,217 @@
+"""The HTTP service: adversarially robust CIFAR-10 classification f(g(RT(x))) with BentoML 1.4. No torch.
+
+    bentoml serve                                   # from the repo root: bentofile.yaml names AtopService
+    ATOP_MODEL=path/to/serving-folder bentoml serve --port 3000
+    ATOP_MODEL=atop-default:latest bentoml serve    # a model from the BentoML model store
+
+Two services run in one server. ``AtopService`` holds the public endpoints (/classify, /classify_batch, /purify,
+/metadata): it reads and checks requests, decodes images and answers. It depends on ``AtopModel``, which
+holds the model and one batchable method: every endpoint turns its images into rows (one image x one
+purification sample, fresh random draws each) and sends them there, and BentoML's adaptive batching merges
+the rows of concurrent requests into one ONNX Runtime call. AtopModel runs in its own worker process and is
+not reachable on the public port. Settings: atop_serve/settings.py (``ATOP_*`` environment variables).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import anyio
+import anyio.to_thread
+import bentoml
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from . import __version__, settings
+from .config import RTConfig
+from .engine import load_engine, row_seeds
+from .errors import ImageError, ModelError
+from .forms import BatchInput, ClassifyInput, PurifyInput, Rejected
+from .imageio import FORMAT_NAMES, REDUCING_GAP, RESAMPLE, decode
+from .middleware import BodyLimit, ErrorBody
+from .modelio import read_card
+
+SETTINGS = settings.load()
+DECODE_THREADS = 2  # images decoded at once: bounds the memory of large uploads
+log = logging.getLogger("bentoml.atop")
+
+
+class Row(BaseModel):
+    """One image x one purification sample: the unit AtopModel batches."""
+
+    pixels: bytes = Field(description="uint8 RGB image, size x size x 3, row-major")
+    seed: int = Field(ge=0, description="the row's RT draws: draw_rt_inputs_numpy(rt, 1, 1, default_rng(seed))")
+    view: Optional[Literal["purified", "transformed", "mask"]] = Field(None, description="an output image to return")
+
+
+class RowResult(BaseModel):
+    probs: list[float]
+    picture: Optional[bytes] = Field(None, description="uint8 RGB size x size x 3 of the requested view")
+
+
+class Classification(BaseModel):
+    label: str = Field(description="The predicted class (highest mean probability).")
+    class_id: int = Field(description="Its index in the model card's class list.")
+    probabilities: dict[str, float] = Field(description="Class -> probability, averaged over the samples.")
+    samples: int = Field(description="Purifications averaged (K).")
+    model: str = Field(description="The model that answered.")
+
+
+@bentoml.service(name="atop-model", workers=1, threads=1, traffic={"timeout": 120})
+class AtopModel:
+    """Internal: the batched model call every public endpoint feeds."""
+
+    if SETTINGS.model_tag:  # a store model is packed into the Bento by `bentoml build`
+        stored_model = bentoml.models.BentoModel(SETTINGS.model_tag)
+
+    def __init__(self) -> None:
+        start = time.perf_counter()
+        folder, tag = settings.resolve_model(SETTINGS.model)
+        self.engine = load_engine(folder, SETTINGS.ort_threads, SETTINGS.providers)
+        self.size = self.engine.rt.image_size
+        log.info("atop model %s (%s) | backend %s | providers %s | RT %s | %d classes | loaded in %.1f s",
+                 tag or self.engine.card.get("name", folder.name), folder, self.engine.backend,
+                 ",".join(self.engine.providers), self.engine.rt.kind, len(self.engine.classes),
+                 time.perf_counter() - start)
+
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
+    def infer(self, rows: list[Row]) -> list[RowResult]:
+        images = np.stack([np.frombuffer(r.pixels, np.uint8).reshape(self.size, self.size, 3) for r in rows])
+        probs, pictures = self.engine.predict_rows(images, [r.seed for r in rows], [r.view for r in rows])
+        return [RowResult(probs=p.tolist(), picture=None if q is None else q.tobytes()) for p, q in zip(probs, pictures)]
+
+    @bentoml.api
+    def engine_info(self) -> dict:
+        return self.engine.describe()
+
+
+metadata_app = Starlette()
+
+
+@bentoml.asgi_app(metadata_app, path="/")
+@bentoml.service(name="atop", workers=1, traffic={"timeout": 120, "max_concurrency": 256})
+class AtopService:
+    """Adversarially robust CIFAR-10 classification: purify g(RT(x)), then classify f."""
+
+    model = bentoml.depends(AtopModel)
+
+    def __init__(self) -> None:
+        folder, tag = settings.resolve_model(SETTINGS.model)
+        self.card = read_card(folder)
+        if "rt" not in self.card.get("purifier", {}):
+            raise ModelError(f"model folder {folder} holds no purifier: the service serves f(g(RT(x))) only")
+        self.classes = list(self.card["classes"])
+        self.size = RTConfig.from_dict(self.card["purifier"]["rt"]).image_size
+        self.label = tag or self.card.get("name") or folder.name
+        self._decoding: anyio.CapacityLimiter | None = None
+        self._engine_info: dict | None = None
+        log.info("atop service: model %s | seeds %s | limits: %d samples, %d images, %d bytes, %d pixels",
+                 self.label, "allowed" if SETTINGS.allow_seed else "refused", SETTINGS.max_samples,
+                 SETTINGS.max_images, SETTINGS.max_request_bytes, SETTINGS.max_pixels)
+
+    # ------------------------------------------------------------------ endpoints
+    @bentoml.api(route="/classify", input_spec=ClassifyInput)
+    async def classify(self, image: Path, samples: int = 1, seed: Optional[int] = None) -> Classification:
+        """Classify one image: label, class id and class probabilities averaged over `samples` purifications."""
+        self._check_seed(seed)
+        [probs] = await self._probs([await self._decode(image)], samples, seed)
+        return self._classification(probs, samples)
+
+    @bentoml.api(route="/classify_batch", input_spec=BatchInput)
+    async def classify_batch(self, images: list[Path], samples: int = 1, seed: Optional[int] = None) -> list[Classification]:
+        """Classify several images (repeat the `images` field); the answers come in the order of the files."""
+        self._check_seed(seed)
+        pixels = [await self._decode(p, f"image {i + 1} of {len(images)}: ") for i, p in enumerate(images)]
+        return [self._classification(p, samples) for p in await self._probs(pixels, samples, seed)]
+
+    @bentoml.api(route="/purify", input_spec=PurifyInput)
+    async def purify(self, image: Path, view: str = "purified", seed: Optional[int] = None) -> Image.Image:
+        """The purified 32x32 image g(RT(x)) as PNG; view=transformed gives RT(x), view=mask the RT mask."""
+        self._check_seed(seed)
+        [result] = await self.model.to_async.infer([Row(pixels=await self._decode(image), seed=row_seeds(seed, 1)[0],
+                                                        view=view)])
+        return Image.fromarray(np.frombuffer(result.picture, np.uint8).reshape(self.size, self.size, 3))
+
+    @bentoml.api(route="/metadata")
+    async def metadata(self) -> dict:
+        """The model card (classes, RT config, provenance, measured metrics) and the serving setup and versions."""
+        return await self.describe()
+
+    # ------------------------------------------------------------------ helpers
+    async def describe(self) -> dict:
+        if self._engine_info is None:
+            self._engine_info = await self.model.to_async.engine_info()
+        import PIL
+
+        return {**self.card, "serving": {
+            "model": self.label,
+            **self._engine_info,
+            "versions": {"atop_serve": __version__, "bentoml": bentoml.__version__, "numpy": np.__version__,
+                         "pillow": PIL.__version__, **{k: v for k, v in self._engine_info.items()
+                                                       if k in ("onnxruntime", "torch")}},
+            "input": {"formats": FORMAT_NAMES, "size": [self.size, self.size],
+                      "resize": f"whole image, no crop, {RESAMPLE.name.lower()} antialiased, "
+                                f"reducing_gap={REDUCING_GAP}",
+                      "transparency": "composited on white", "exif_orientation": "applied"},
+            "limits": {"max_samples": SETTINGS.max_samples, "max_images": SETTINGS.max_images,
+                       "max_request_bytes": SETTINGS.max_request_bytes, "max_pixels": SETTINGS.max_pixels},
+            "batching": {"max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms},
+            "seed_allowed": SETTINGS.allow_seed,
+        }}
+
+    def _check_seed(self, seed: int | None) -> None:
+        if seed is not None and not SETTINGS.allow_seed:
+            raise Rejected("the seed parameter is disabled on this server: every request gets fresh, unpredictable "
+                           "random draws (an operator can allow seeds with ATOP_ALLOW_SEED=1)")
+
+    async def _decode(self, path: Path, where: str = "") -> bytes:
+        if self._decoding is None:
+            self._decoding = anyio.CapacityLimiter(DECODE_THREADS)
+
+        def work() -> bytes:
+            return decode(path.read_bytes(), self.size, SETTINGS.max_pixels).tobytes()
+
+        try:
+            return await anyio.to_thread.run_sync(work, limiter=self._decoding)
+        except ImageError as e:
+            raise Rejected(f"{where}{e}", e.http_status) from None
+
+    async def _probs(self, pixels: list[bytes], samples: int, seed: int | None) -> list[np.ndarray]:
+        """Mean class probabilities of each image over `samples` purifications, each with its own draws."""
+        rows = [Row(pixels=p, seed=s) for p in pixels for s in row_seeds(seed, samples)]
+        results = await self.model.to_async.infer(rows)
+        probs = np.array([r.probs for r in results], dtype=np.float64).reshape(len(pixels), samples, -1)
+        return list(probs.mean(1))
+
+    def _classification(self, probs: np.ndarray, samples: int) -> Classification:
+        best = int(np.argmax(probs))
+        return Classification(label=self.classes[best], class_id=best, samples=samples, model=self.label,
+                              probabilities={c: round(float(p), 6) for c, p in zip(self.classes, probs)})
+
+
+async def _get_metadata(request: Request) -> JSONResponse:
+    return JSONResponse(await bentoml.get_current_service().describe())
+
+
+class _RejectedAsInfo(logging.Filter):
+    """BentoML logs every exception an API raises at ERROR with a traceback; a client's mistake is one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, Rejected):
+            record.exc_info, record.exc_text, record.levelno, record.levelname = None, None, logging.INFO, "INFO"
+            record.msg, record.args = "%s [%s] rejected (%d): %s", (*record.args, exc.error_code.value, exc.message)
+        return True
+
+
+logging.getLogger("bentoml._internal.server.http_app").addFilter(_RejectedAsInfo())
+metadata_app.add_route("/metadata", _get_metadata, methods=["GET"])
+AtopService.add_asgi_middleware(ErrorBody)
+AtopService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_request_bytes)

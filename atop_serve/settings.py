@@ -1,0 +1,109 @@
+"""Service settings, read once from the environment (``ATOP_*``). No torch, no BentoML import at module level.
+
+    ATOP_MODEL               model to serve: a serving folder path, or a BentoML model store tag such as
+                             ``atop-default:latest`` whose directory is a serving folder; default: the shipped
+                             atop_serve/models/default
+    ATOP_ALLOW_SEED          1 lets requests pass ``seed`` (reproducible RT draws); default 0: a seed is refused
+    ATOP_MAX_SAMPLES         largest ``samples`` (K purifications averaged) a request may ask for
+    ATOP_MAX_IMAGES          largest number of images in one /classify_batch request
+    ATOP_MAX_REQUEST_BYTES   largest request body, in bytes (413 above)
+    ATOP_MAX_PIXELS          largest decoded image, width x height (413 above)
+    ATOP_MAX_BATCH_SIZE      adaptive batching: most purification samples (rows) in one model call
+    ATOP_MAX_LATENCY_MS      adaptive batching: BentoML's queueing deadline; a request still queued after it gets
+                             503, so keep it above the time of the largest request (max images x max samples rows)
+    ATOP_ORT_THREADS         ONNX Runtime intra-op threads (0: ONNX Runtime's default, one per core)
+    ATOP_PROVIDERS           comma-separated ONNX Runtime execution providers, in order of preference; default:
+                             CUDA when present, then CPU (TensorRT only when named here: it builds an engine per
+                             new input shape, slow with adaptive batching unless its engine cache is warm)
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import ModelError
+from .imageio import DEFAULT_MAX_PIXELS
+
+_TAG = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str = ""                          # "" = the shipped default folder
+    allow_seed: bool = False
+    max_samples: int = 8
+    max_images: int = 64
+    max_request_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch_size: int = 64                 # rows (image x sample) per model call
+    max_latency_ms: int = 5000
+    ort_threads: int = 2                     # a 2-core machine: the model worker uses both for one batch
+    providers: tuple[str, ...] = ()          # () = automatic (CUDA if present, then CPU)
+
+    @classmethod
+    def from_env(cls, env=None) -> "Settings":
+        env = os.environ if env is None else env
+        kw = {}
+        for f in fields(cls):
+            raw = env.get(f"ATOP_{f.name.upper()}")
+            if raw is None or raw.strip() == "":
+                continue
+            raw = raw.strip()
+            try:
+                if f.type == "bool":
+                    if raw.lower() not in ("0", "1", "true", "false", "yes", "no"):
+                        raise ValueError(raw)
+                    kw[f.name] = raw.lower() in ("1", "true", "yes")
+                elif f.type == "int":
+                    kw[f.name] = int(raw)
+                elif f.name == "providers":
+                    kw[f.name] = tuple(p.strip() for p in raw.split(",") if p.strip())
+                else:
+                    kw[f.name] = raw
+            except ValueError:
+                raise ModelError(f"ATOP_{f.name.upper()}={raw!r} is not a valid {f.type}") from None
+        s = cls(**kw)
+        for name in ("max_samples", "max_images", "max_request_bytes", "max_pixels", "max_batch_size", "max_latency_ms"):
+            if getattr(s, name) < 1:
+                raise ModelError(f"ATOP_{name.upper()} must be >= 1, got {getattr(s, name)}")
+        if s.max_batch_size < 2:
+            raise ModelError("ATOP_MAX_BATCH_SIZE must be >= 2 (BentoML batching)")
+        return s
+
+    @property
+    def model_tag(self) -> str | None:
+        """The BentoML model store tag ATOP_MODEL names, or None when it names a folder (or nothing)."""
+        return model_tag(self.model)
+
+
+@functools.lru_cache(maxsize=1)
+def load() -> Settings:
+    """This process's settings (read from the environment once)."""
+    return Settings.from_env()
+
+
+def model_tag(spec: str) -> str | None:
+    if not spec or spec == "default" or Path(spec).exists() or not _TAG.match(spec):
+        return None
+    return spec
+
+
+def resolve_model(spec: str) -> tuple[Path, str | None]:
+    """ATOP_MODEL -> (serving folder, the resolved store tag or None). Tags need BentoML's model store."""
+    from .modelio import resolve
+
+    tag = model_tag(spec)
+    if tag is None:
+        return resolve(spec or None), None
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        stored = bentoml.models.get(tag)
+    except NotFound:
+        raise ModelError(f"ATOP_MODEL={spec!r}: no such model in the BentoML model store "
+                         "(nor a folder of that name); see `bentoml models list`") from None
+    return Path(stored.path), str(stored.tag)

@@ -1,0 +1,244 @@
+"""Robustness evaluation: attacks, threat models, resumable report folders, sanity checks, CLI errors.
+
+Fast (CPU, tiny n): a linear classifier trained here on synthetic 8x8 images, random-weight model folders,
+and a 40-image PNG dataset written to a temporary folder (the real CIFAR-10 copy is never needed)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from atop_serve.errors import AtopError
+from training.attacks import APGD, EOT, FGSM, PGD, AutoAttack, Square, StAdv
+from training.data import Dataset
+from training.evaluate import EvalConfig, Models, parse_attack, parse_eps_list, run_eval
+
+from .conftest import make_model_folder
+
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _synthetic(n=80, seed=0):
+    """uint8 images (n, 3, 8, 8): per-class means close together, so small budgets matter."""
+    g = torch.Generator().manual_seed(seed)
+    means = 128 + 4 * torch.randn(10, 3, 8, 8, generator=g)
+    y = torch.arange(n) % 10
+    x = (means[y] + 5 * torch.randn(n, 3, 8, 8, generator=g)).round().clamp(0, 255).to(torch.uint8)
+    return Dataset(x, y, CLASSES, "synthetic")
+
+
+class Linear(nn.Module):
+    def __init__(self, masked=False):
+        super().__init__()
+        self.lin, self.masked = nn.Linear(192, 10), masked
+
+    def forward(self, x):
+        if self.masked:  # same predictions, zero input gradient: an obviously masked model
+            return self.lin(x.detach().flatten(1)) + 0 * x.flatten(1).sum(1, keepdim=True)
+        return self.lin(x.flatten(1))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return _synthetic()
+
+
+@pytest.fixture(scope="module")
+def linear(data):
+    torch.manual_seed(0)
+    m = Linear()
+    x, y = data.images.float() / 255, data.labels
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(300):
+        loss = nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def png_data(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("pngdata")
+    rng = np.random.default_rng(0)
+    for c in CLASSES:
+        d = root / "test" / c
+        d.mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATOP_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(1)
+
+
+def _acc(m, x, y):
+    with torch.no_grad():
+        return (m(x).argmax(1) == y).float().mean().item()
+
+
+# ------------------------------------------------------------------------------------------------- attacks
+def _attacks(m, eps, g):
+    return [FGSM(m, eps), PGD(m, eps, eps / 4, 5, generator=g), PGD(m, eps, eps / 4, 3, restarts=2, generator=g),
+            APGD(m, eps, 10, "ce", generator=g), APGD(m, eps, 10, "dlr", generator=g),
+            APGD(m, eps, 5, "dlr-targeted", n_target_classes=2, generator=g), Square(m, eps, 50, generator=g),
+            AutoAttack(m, eps, "standard", steps=5, queries=20, n_target_classes=2, generator=g),
+            AutoAttack(m, eps, "rand", steps=5, generator=g, eot_iter=2)]
+
+
+def test_attacks_keep_eps_ball_and_range(linear, data):
+    x, y = data.images.float() / 255, data.labels
+    g = torch.Generator().manual_seed(0)
+    eps = 4 / 255
+    for attack in _attacks(linear, eps, g):
+        adv = attack(x, y)
+        assert adv.shape == x.shape and adv.min() >= 0 and adv.max() <= 1, attack.name
+        assert (adv - x).abs().max() <= eps + 1e-6, attack.name
+    adv = PGD(linear, 0.5, 0.1, 5, norm="l2", generator=g)(x, y)
+    assert (adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5 and 0 <= adv.min() and adv.max() <= 1
+    adv = StAdv(linear, budget=0.05, steps=3, generator=g)(x, y)
+    assert adv.shape == x.shape and 0 <= adv.min() and adv.max() <= 1
+    assert linear.training is False
+
+
+def test_gradient_attacks_lower_accuracy_of_trained_model(linear, data):
+    x, y = data.images.float() / 255, data.labels
+    clean = _acc(linear, x, y)
+    assert clean > 0.9
+    g = torch.Generator().manual_seed(0)
+    for attack in (FGSM(linear, 4 / 255), PGD(linear, 4 / 255, 1 / 255, 10, generator=g),
+                   APGD(linear, 4 / 255, 20, "dlr", generator=g)):
+        assert _acc(linear, attack(x, y), y) < clean - 0.3, attack.name
+
+
+def test_attacks_reproducible_with_generators(linear, data):
+    x, y = data.images[:20].float() / 255, data.labels[:20]
+    runs = [PGD(linear, 4 / 255, 1 / 255, 3, generator=torch.Generator().manual_seed(5))(x, y) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    eot = EOT(linear, 3)
+    assert torch.allclose(eot(x), linear(x), atol=1e-6)
+
+
+def test_attack_spec_parsing():
+    cfg = EvalConfig(threat="pipeline", eot=4)
+    s = parse_attack("pgd-20@eps=4/255@restarts=3", cfg)
+    assert s.family == "pgd" and s.params["steps"] == 20 and s.params["restarts"] == 3
+    assert s.params["eps"] == pytest.approx(4 / 255) and s.params["alpha"] == pytest.approx(1 / 255)
+    assert s.params["eot"] == 4
+    assert parse_attack("autoattack-rand", cfg).params["eot"] == 20
+    assert parse_attack("apgd-ce", EvalConfig(threat="classifier")).params["eot"] == 1
+    assert parse_attack("stadv", cfg).params["budget"] == 0.05
+    assert parse_eps_list("0,2,4,8,16/255") == pytest.approx((0, 2 / 255, 4 / 255, 8 / 255, 16 / 255))
+    assert parse_eps_list("0,0.5,8/255") == pytest.approx((0, 0.5, 8 / 255))
+    for bad in ("pgd", "pgdx-3", "fgsm@steps=3", "pgd-3@eps=2", "square@queries"):
+        with pytest.raises(AtopError):
+            parse_attack(bad, cfg)
+
+
+# --------------------------------------------------------------------------------------- sanity checks
+def _sanity_run(model, data, tmp_path):
+    cfg = EvalConfig(threat="bare", attacks=("clean", "fgsm"), n=len(data), batch_size=len(data), sanity=True,
+                     sweep_attack="pgd-5", eps_sweep=(0, 2 / 255, 4 / 255), sanity_queries=300, bf16=False,
+                     device="cpu", grid=0)
+    return run_eval(Models(model, None, name="linear", fingerprint={"m": id(model)}), data, cfg, None, False)
+
+
+def test_sanity_checks_pass_on_honest_model(linear, data, tmp_path):
+    checks = {c["check"]: c for c in _sanity_run(linear, data, tmp_path)["sanity"]}
+    assert all(c["passed"] for c in checks.values()), checks
+
+
+def test_sanity_checks_flag_masked_model(linear, data, tmp_path):
+    masked = Linear(masked=True)
+    masked.load_state_dict(linear.state_dict())
+    checks = {c["check"]: c for c in _sanity_run(masked.eval(), data, tmp_path)["sanity"]}
+    assert not checks["unbounded attack reaches ~0 %"]["passed"]
+    assert not checks["black-box Square not stronger than gradient attacks"]["passed"]
+
+
+# ------------------------------------------------------------------------------ report folder and resume
+def _cli(monkeypatch, capsys, *args):
+    import atop_cli
+
+    monkeypatch.setattr(sys, "argv", ["atop", *args])
+    with pytest.raises(SystemExit) as e:
+        atop_cli.main()
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_report_folder_and_resume(tmp_path, png_data, monkeypatch, capsys):
+    model = make_model_folder(tmp_path / "model", tta="none")
+    out = tmp_path / "report"
+    args = ["eval", "--model", str(model), "--threat", "pipeline", "--attacks", "clean,fgsm,pgd-1", "--eot", "2",
+            "--n", "10", "--batch-size", "10", "--data", str(png_data), "--out", str(out), "--no-progress",
+            "--eps-sweep", "0,8/255", "--sweep-attack", "pgd-1", "--device", "cpu"]
+    code, _, err = _cli(monkeypatch, capsys, *args)
+    assert code in (0, None), err
+    for f in ("report.json", "report.md", "robust_vs_eps.png", "examples.png", "attacks/pgd-1.json"):
+        assert (out / f).is_file(), f
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["threat"] == "pipeline" and rep["n"] == 10 and rep["seed"] == 0 and rep["machine"]["device"]
+    r = rep["results"]["pgd-1"]
+    assert r["params"]["eps"] == pytest.approx(8 / 255) and r["params"]["eot"] == 2 and len(r["ci95"]) == 2
+    assert not r["resumed"] and "| pgd-1 |" in (out / "report.md").read_text()
+    mtime = (out / "attacks" / "pgd-1.json").stat().st_mtime_ns
+
+    # a rerun (here with one more attack) reuses the finished attacks and computes only the new one
+    code, stdout, err = _cli(monkeypatch, capsys, *[a if a != "clean,fgsm,pgd-1" else "clean,fgsm,pgd-1,square@queries=3"
+                                                    for a in args])
+    assert code in (0, None), err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["results"]["pgd-1"]["resumed"] and rep["results"]["clean"]["resumed"]
+    assert not rep["results"]["square@queries=3"]["resumed"]
+    assert (out / "attacks" / "pgd-1.json").stat().st_mtime_ns == mtime
+
+    # a different configuration (seed) is recomputed, never reused
+    code, _, err = _cli(monkeypatch, capsys, *args, "--seed", "1")
+    rep = json.loads((out / "report.json").read_text())
+    assert not rep["results"]["pgd-1"]["resumed"]
+
+
+def test_transfer_threat_and_table7(tmp_path, png_data, monkeypatch, capsys):
+    model = make_model_folder(tmp_path / "model", tta="none")
+    source = make_model_folder(tmp_path / "source", seed=1, tta="none")
+    out = tmp_path / "transfer"
+    code, _, err = _cli(monkeypatch, capsys, "eval", "--model", str(model), "--threat", "transfer", "--source",
+                        str(source), "--attacks", "clean,pgd-1", "--n", "10", "--data", str(png_data), "--out",
+                        str(out), "--no-progress", "--device", "cpu")
+    assert code in (0, None), err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["threat"] == "transfer" and rep["source"] == str(source)
+
+    code, stdout, err = _cli(monkeypatch, capsys, "eval", "--preset", "table7", "--model", f"{model},{source}",
+                             "--attacks", "clean,fgsm", "--n", "10", "--data", str(png_data), "--out",
+                             str(tmp_path / "t7"), "--no-progress", "--device", "cpu")
+    assert code in (0, None), err
+    table = (tmp_path / "t7" / "table7.md").read_text()
+    assert "| model | RT | clean | fgsm |" in table and "| source | rt2 |" in table
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--attacks", "pgdx"], "unknown attack"),
+    (["--threat", "nope"], "unknown threat"),
+    (["--threat", "transfer"], "needs --source"),
+    (["--model", "/nonexistent/folder"], "does not exist"),
+    (["--eps", "eight"], "not a number"),
+    (["--preset", "table9", "--out", "x"], "unknown --preset"),
+])
+def test_bad_arguments_exit_2_with_one_line(args, msg, monkeypatch, capsys, tmp_path):
+    model = make_model_folder(tmp_path / "model") if "--model" not in args else None
+    base = ["eval", "--no-progress"] + (["--model", str(model)] if model else [])
+    code, _, err = _cli(monkeypatch, capsys, *base, *args)
+    assert code == 2
+    assert msg in err and len(err.strip().splitlines()) == 1, err

@@ -1,0 +1,352 @@
+"""`atop export`: ONNX round trip, verification, faster variant, BentoML registration, errors.
+
+One export per session (random-weight model, small verification set), reused by most tests. Random airnet
+logits are ~1e-5 (its purifier output is nearly constant), which would make the 1e-4 tolerance vacuous, so the
+test model's classifier head is scaled to give logits of realistic size (~10).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from atop_serve import modelio
+from atop_serve.errors import DataError, ExportError
+
+from .conftest import make_model_folder, needs_data
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:pathspec")  # bentoml's dependency
+
+HEAD_SCALE = 3e5
+VERIFY_N = 100
+
+
+def _scaled_model_folder(path: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    folder = make_model_folder(path)
+    f = folder / modelio.CLASSIFIER_FILE
+    state = load_file(str(f))
+    state["head.weight"] = state["head.weight"] * HEAD_SCALE
+    save_file(state, str(f))
+    card = modelio.read_card(folder)
+    card["classifier"]["sha256"] = modelio.sha256(f)
+    card["classifier"]["metrics"] = {"test_acc_tta_flip": 0.1, "measured_on": "random weights"}
+    modelio.write_card(folder, card)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bento_home(tmp_path_factory):
+    """A private BentoML store: BENTOML_HOME set and the already-built singletons overridden, so the store is
+    isolated even if another test imported bentoml first."""
+    home = tmp_path_factory.mktemp("bentoml")
+    (home / "models").mkdir()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BENTOML_HOME", str(home))
+    mp.setenv("BENTOML_DO_NOT_TRACK", "True")
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    BentoMLContainer.bentoml_home.set(str(home))
+    BentoMLContainer.model_store_dir.set(str(home / "models"))
+    BentoMLContainer.model_store.set(ModelStore(str(home / "models")))
+    yield home
+    for p in (BentoMLContainer.model_store, BentoMLContainer.model_store_dir, BentoMLContainer.bentoml_home):
+        p.reset()
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return _scaled_model_folder(tmp_path_factory.mktemp("export-src") / "model")
+
+
+@pytest.fixture(scope="session")
+def pipeline(model_dir):
+    return modelio.load_pipeline(model_dir)
+
+
+@pytest.fixture(scope="session")
+def exported(model_dir, bento_home, tmp_path_factory):
+    from export.build import export_model
+
+    out = tmp_path_factory.mktemp("export-out") / "serving"
+    summary = export_model(model_dir, out, name="atop-test", verify_n=VERIFY_N, calib_n=64, bench_reps=2,
+                           command="pytest", log=lambda m: None)
+    return {"summary": summary, "out": out, "card": json.loads((out / modelio.CARD).read_text())}
+
+
+def _session(path):
+    from export.onnx_export import make_session
+
+    return make_session(path)
+
+
+# ------------------------------------------------------------------------------------------ ONNX round trip
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 1), (7, 3), (64, 1)])
+def test_round_trip(exported, pipeline, n, k):
+    from export.verify import compare_logits, draws, eager_logits, session_logits
+
+    rng = np.random.default_rng(n)
+    images = rng.random((n, 3, 32, 32), dtype=np.float32)
+    d = draws(pipeline.transform, n, k, seed=n + k)
+    ref = eager_logits(pipeline, images, d)
+    res = compare_logits(ref, session_logits(_session(exported["out"] / modelio.ONNX_FILE), images, d))
+    assert np.abs(ref).max() > 1.0  # the tolerance below means something
+    assert res["max_abs_diff"] <= 1e-4 and res["top1_agreement"] == 1.0, res
+
+
+def test_serving_folder(exported, model_dir):
+    out, card = exported["out"], exported["card"]
+    src = json.loads((model_dir / modelio.CARD).read_text())
+    assert {k: card[k] for k in src} == src  # the source card, copied
+    ex = card["export"]
+    assert (out / modelio.ONNX_FILE).exists() and not list(out.parent.glob(".serving.*"))  # no temp dirs left
+    assert set(ex["files"]) == {p.name for p in out.iterdir()} - {modelio.CARD}
+    for f, rec in ex["files"].items():
+        assert rec["sha256"] == modelio.sha256(out / f)
+    assert ex["opset"] >= 17 and ex["formats"] == ["onnx"] and ex["command"] == "pytest"
+    assert {"torch", "onnx", "onnxruntime", "onnxscript"} <= set(ex["versions"])
+    ver = ex["verification"]["onnx"]
+    assert ver["passed"] and ver["n"] == VERIFY_N and ver["max_abs_diff"] <= 1e-4 and ver["top1_agreement"] == 1.0
+    assert ver["multi_sample"]["passed"] and ver["multi_sample"]["k"] == 3
+    names = [i["name"] for i in ex["graph"]["inputs"]]
+    assert names[0] == "images" and set(names) <= {"images", "u_mask", "z", "u_mix"}
+    assert ex["graph"]["inputs"][0]["shape"] == ["N", 3, 32, 32]
+    assert [o["name"] for o in ex["graph"]["outputs"]][:2] == ["probs", "logits"]
+
+
+@needs_data()
+def test_verified_on_real_test_images(exported):
+    images = exported["card"]["export"]["verification"]["onnx"]["images"]
+    assert images["labelled"] and "'test'" in images["source"]
+
+
+def test_cpu_variant_recorded(exported):
+    ex = exported["card"]["export"]
+    rec = ex["cpu_variant"]
+    built = {k: c for k, c in rec["candidates"].items() if c["built"]}
+    assert "ort-offline" in built
+    for c in built.values():
+        assert c["speedup"] > 0 and 0 <= c["top1_agreement_with_fp32"] <= 1 and c["accepted"] in (True, False)
+        if "accuracy" in c:
+            assert c["accepted"] == (c["accuracy_drop_points"] <= 0.5 and c["speedup"] >= 1.1)
+    if rec["shipped"]:
+        assert built[rec["shipped"]]["accepted"] and modelio.OPT_ONNX_FILE in ex["files"]
+        assert _session(exported["out"] / modelio.OPT_ONNX_FILE).run(["probs"], _feed(exported["out"], 2))[0].shape == (2, 10)
+    else:
+        assert not (exported["out"] / modelio.OPT_ONNX_FILE).exists()
+
+
+def _feed(folder, n):
+    from atop_serve.config import RTConfig, draw_rt_inputs_numpy
+    from export.onnx_export import feed_for
+
+    card = json.loads((folder / modelio.CARD).read_text())
+    d = draw_rt_inputs_numpy(RTConfig.from_dict(card["purifier"]["rt"]), n, 1)
+    names = [i["name"] for i in card["export"]["graph"]["inputs"]]
+    return feed_for(names, np.random.default_rng(0).random((n, 3, 32, 32), dtype=np.float32), d)
+
+
+# -------------------------------------------------------------------------------------------- verification
+def test_verification_fails_on_perturbed_weight(exported, pipeline, tmp_path):
+    import onnx
+
+    from export.verify import load_images, verify_onnx
+
+    model = onnx.load(str(exported["out"] / modelio.ONNX_FILE))
+    init = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    w = onnx.numpy_helper.to_array(init).copy()
+    w.flat[: w.size // 10] *= 1.05
+    init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+    onnx.save(model, str(tmp_path / "perturbed.onnx"))
+    vset = load_images(20, None)
+    with pytest.raises(ExportError, match="max abs logit diff"):
+        verify_onnx(pipeline, tmp_path / "perturbed.onnx", vset)
+    verify_onnx(pipeline, exported["out"] / modelio.ONNX_FILE, vset)  # the unperturbed graph passes
+
+
+def test_failed_verification_leaves_nothing(model_dir, bento_home, tmp_path, monkeypatch):
+    """A weight perturbed between export and verification: non-zero outcome, no folder, no store entry."""
+    import torch
+
+    from export import onnx_export, store
+    from export.build import export_model
+
+    real = onnx_export.export_onnx
+
+    def export_then_perturb(pipeline, out, **kw):
+        path = real(pipeline, out, **kw)
+        with torch.no_grad():
+            pipeline.classifier.classifier.head.weight.mul_(1.01)
+        return path
+
+    monkeypatch.setattr(onnx_export, "export_onnx", export_then_perturb)
+    with pytest.raises(ExportError, match="verification of pipeline.onnx"):
+        export_model(model_dir, tmp_path / "new" / "serving", name="atop-bad", verify_n=20, optimize=False, log=lambda m: None)
+    assert list(tmp_path.iterdir()) == []  # not even the parent it created
+    assert not any(e["tag"].startswith("atop-bad:") for e in store.list_entries())
+
+
+def test_random_image_fallback(monkeypatch, tmp_path):
+    from export.verify import load_images
+
+    monkeypatch.setenv("ATOP_DATA", str(tmp_path / "absent"))
+    vset = load_images(10, None)
+    assert vset.labels is None and vset.images.shape == (10, 3, 32, 32) and "uniform random" in vset.source
+    with pytest.raises(DataError):
+        load_images(10, tmp_path / "absent")  # an explicitly named dataset must exist
+
+
+def test_in_place_export(model_dir, tmp_path):
+    import shutil
+
+    from export.build import export_model
+
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    (folder / modelio.OPT_ONNX_FILE).write_bytes(b"stale variant of an earlier export")
+    weights = {f: modelio.sha256(folder / f) for f in (modelio.CLASSIFIER_FILE, modelio.PURIFIER_FILE)}
+    export_model(folder, folder, register=False, verify_n=20, optimize=False, log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp dirs
+    assert {f: modelio.sha256(folder / f) for f in weights} == weights
+    assert not (folder / modelio.OPT_ONNX_FILE).exists()
+    card = modelio.read_card(folder)
+    assert card["export"]["verification"]["onnx"]["passed"] and (folder / modelio.ONNX_FILE).exists()
+    modelio.load_pipeline(folder)  # still a complete model folder
+
+
+def test_replacing_a_serving_folder(tmp_path):
+    from export.build import _commit, _prepare_target
+
+    out = tmp_path / "serving"
+    out.mkdir()
+    (out / modelio.CARD).write_text("{}")
+    (out / "old-only.txt").write_text("from the earlier export")
+    new = tmp_path / ".serving.export-x"
+    new.mkdir()
+    (new / modelio.CARD).write_text('{"new": 1}')
+    assert _prepare_target(out, in_place=False) == []
+    _commit(new, out, in_place=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["serving"]
+    assert sorted(p.name for p in out.iterdir()) == [modelio.CARD] and json.loads((out / modelio.CARD).read_text()) == {"new": 1}
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="refusing to replace"):
+        _prepare_target(other, in_place=False)
+
+
+# ------------------------------------------------------------------------------------------- model store
+def test_store_entry(exported, bento_home):
+    import bentoml
+
+    tag = exported["summary"]["tag"]
+    assert tag.startswith("atop-test:")
+    ref = bentoml.models.get(tag)  # name:version
+    assert Path(ref.path).resolve().is_relative_to(bento_home.resolve())  # the isolated store, not ~/bentoml
+    meta, labels = ref.info.metadata, ref.info.labels
+    assert meta["classes"][0] == "airplane" and len(meta["classes"]) == 10
+    assert meta["rt"]["kind"] == "rt2" and meta["input"]["size"] == 32
+    assert meta["graph"]["inputs"][0]["name"] == "images"
+    assert meta["metrics"]["source"]["classifier.test_acc_tta_flip"] == 0.1
+    assert meta["metrics"]["export"]["n"] == VERIFY_N
+    assert {"torch", "onnxruntime"} <= set(meta["versions"])
+    assert labels["project"] == "atop-serve" and labels["formats"] == "onnx" and labels["verified"] == "true"
+    for f, rec in meta["files"].items():
+        assert modelio.sha256(Path(ref.path) / f) == rec["sha256"]
+    assert (Path(ref.path) / modelio.CARD).read_bytes() == (exported["out"] / modelio.CARD).read_bytes()
+    out = _session(Path(ref.path) / modelio.ONNX_FILE).run(["probs"], _feed(Path(ref.path), 3))[0]
+    np.testing.assert_allclose(out.sum(1), 1.0, rtol=1e-5)
+    assert bentoml.models.get("atop-test:latest").tag == ref.tag
+
+
+def _cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    import atop_cli
+
+    monkeypatch.setattr(sys, "argv", ["atop", *args])
+    with pytest.raises(SystemExit) as e:
+        atop_cli.main()
+    cap = capsys.readouterr()
+    return e.value.code, cap.out, cap.err
+
+
+def test_cli_list(exported, bento_home, monkeypatch, capsys):
+    code, out, _ = _cli(monkeypatch, capsys, "export", "--list")
+    assert code == 0 and exported["summary"]["tag"] in out and "MB" in out and "verify max|diff|" in out
+
+
+def test_cli_help(monkeypatch, capsys):
+    code, out, _ = _cli(monkeypatch, capsys, "export", "--help")
+    assert code == 0 and "--format" in out and "--verify-n" in out and "--list" in out
+
+
+# ------------------------------------------------------------------------------------------------- errors
+def _tensorrt_here() -> bool:
+    from export.tensorrt import unavailable_reason
+
+    return unavailable_reason() is None
+
+
+def _corrupt(kind: str, tmp_path: Path, model_dir: Path) -> list[str]:
+    import shutil
+
+    folder = tmp_path / "model"
+    if kind == "missing":
+        return ["--model", str(folder)]
+    shutil.copytree(model_dir, folder)
+    if kind == "corrupt-card":
+        (folder / modelio.CARD).write_text("{not json")
+    elif kind == "corrupt-weights":
+        (folder / modelio.PURIFIER_FILE).write_bytes(b"\x00" * 64)
+    elif kind == "corrupt-weights-no-checksum":
+        card = modelio.read_card(folder)
+        del card["purifier"]["sha256"]
+        modelio.write_card(folder, card)
+        (folder / modelio.PURIFIER_FILE).write_bytes(b"\x00" * 64)
+    elif kind == "bad-rt":
+        card = modelio.read_card(folder)
+        card["purifier"]["rt"]["kind"] = "rt9"
+        modelio.write_card(folder, card)
+    return ["--model", str(folder)]
+
+
+@pytest.mark.parametrize("kind,extra,message", [
+    ("missing", [], "does not exist"),
+    ("corrupt-card", [], "corrupt model card"),
+    ("corrupt-weights", [], "corrupt model folder"),
+    ("corrupt-weights-no-checksum", [], "corrupt weights file"),
+    ("bad-rt", [], "corrupt model card"),
+    ("ok", ["--format", "onnnx"], "unknown export format"),
+    ("ok", ["--format", "tensorrt"], "needs TensorRT"),
+])
+def test_cli_errors(kind, extra, message, model_dir, tmp_path, monkeypatch, capsys):
+    if "tensorrt" in extra and _tensorrt_here():
+        pytest.skip("this machine can run TensorRT: no error to test")
+    out = tmp_path / "out" / "serving"
+    code, _, err = _cli(monkeypatch, capsys, "export", *_corrupt(kind, tmp_path, model_dir), *extra, "--out", str(out),
+                        "--no-register", "--verify-n", "10", "--no-optimize")
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- TensorRT
+def test_tensorrt_export(model_dir, tmp_path):
+    from export.tensorrt import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"TensorRT export not testable here: {reason}")
+    from export.build import export_model
+
+    out = tmp_path / "serving"
+    export_model(model_dir, out, fmt="tensorrt", register=False, verify_n=VERIFY_N, optimize=False, log=lambda m: None)
+    card = modelio.read_card(out)
+    assert (out / modelio.TRT_FILE).exists() and (out / modelio.ONNX_FILE).exists()
+    assert card["export"]["verification"]["tensorrt"]["passed"]

@@ -1,0 +1,237 @@
+"""Decoding uploads (atop_serve.imageio): every accepted format and mode, EXIF rotation, resize policy and each
+rejection (empty, foreign, truncated, too many pixels). Pure functions: no server, no torch."""
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from atop_serve import imageio
+from atop_serve.errors import CorruptImage, EmptyImage, ImageError, ImageTooLarge, NotAnImage
+
+RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pattern() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+
+
+def smooth(size=32) -> np.ndarray:
+    """A smooth colour ramp: survives lossy codecs almost unchanged."""
+    y, x = np.mgrid[0:size, 0:size] * (255 // (size - 1))
+    return np.stack([x, y, 255 - x], -1).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ formats
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("WEBP", {"lossless": True}), ("BMP", {}), ("TIFF", {}),
+                                    ("TIFF", {"compression": "tiff_deflate"})])
+def test_lossless_formats_round_trip(pattern, fmt, kw):
+    out = imageio.decode(encode(Image.fromarray(pattern), fmt, **kw))
+    assert out.dtype == np.uint8 and out.shape == (32, 32, 3)
+    assert np.array_equal(out, pattern)
+
+
+@pytest.mark.parametrize("fmt,kw,tol", [("JPEG", {"quality": 95}, 6), ("WEBP", {"quality": 90}, 8), ("GIF", {}, 12),
+                                        ("TIFF", {"compression": "jpeg"}, 8)])
+def test_lossy_formats_close(fmt, kw, tol):
+    ref = smooth()
+    out = imageio.decode(encode(Image.fromarray(ref), fmt, **kw))
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - ref).mean() < tol
+
+
+def test_gif_first_frame():
+    frames = [Image.new("RGB", (32, 32), RED), Image.new("RGB", (32, 32), BLUE)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    assert tuple(imageio.decode(data)[16, 16]) == RED
+
+
+def test_multipage_tiff_first_page():
+    pages = [Image.new("RGB", (32, 32), BLUE), Image.new("RGB", (32, 32), RED)]
+    data = encode(pages[0], "TIFF", save_all=True, append_images=pages[1:])
+    assert tuple(imageio.decode(data)[0, 0]) == BLUE
+
+
+def test_camera_mpo_is_read_as_jpeg():
+    frames = [Image.new("RGB", (32, 32), RED), Image.new("RGB", (32, 32), BLUE)]
+    data = encode(frames[0], "MPO", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    assert np.abs(imageio.decode(data)[16, 16].astype(int) - RED).max() <= 2
+
+
+# ------------------------------------------------------------------------------------------ modes
+def test_grey_modes():
+    for mode in ("L", "1"):
+        img = Image.new(mode, (32, 32), 255 if mode == "L" else 1)
+        assert tuple(imageio.decode(encode(img, "PNG"))[0, 0]) == WHITE
+    grey = Image.new("L", (32, 32), 77)
+    assert tuple(imageio.decode(encode(grey, "PNG"))[5, 5]) == (77, 77, 77)
+
+
+def test_rgba_composited_on_white():
+    a = np.zeros((32, 32, 4), np.uint8)
+    a[:, :16] = (255, 0, 0, 255)     # opaque red
+    a[:, 16:24] = (0, 0, 0, 0)       # transparent black -> white
+    a[:, 24:] = (0, 0, 0, 128)       # half-transparent black -> mid grey
+    out = imageio.decode(encode(Image.fromarray(a, "RGBA"), "PNG"))
+    assert tuple(out[0, 0]) == RED
+    assert tuple(out[0, 20]) == WHITE
+    assert np.abs(out[0, 28].astype(int) - 127).max() <= 1
+
+
+def test_la_and_webp_alpha():
+    la = Image.merge("LA", (Image.new("L", (32, 32), 0), Image.new("L", (32, 32), 0)))
+    assert tuple(imageio.decode(encode(la, "PNG"))[3, 3]) == WHITE
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 255, 0))
+    assert tuple(imageio.decode(encode(rgba, "WEBP", lossless=True))[3, 3]) == WHITE
+
+
+def test_palette_with_transparency():
+    p = Image.new("P", (32, 32), 0)
+    p.putpalette([255, 0, 0] + [0, 0, 255] * 255)
+    p.paste(1, (16, 0, 32, 32))
+    data = encode(p, "PNG", transparency=1)  # palette index 1 (blue) is transparent
+    out = imageio.decode(data)
+    assert tuple(out[0, 0]) == RED and tuple(out[0, 20]) == WHITE
+    gif = encode(p, "GIF", transparency=1)
+    assert tuple(imageio.decode(gif)[0, 20]) == WHITE
+
+
+def test_cmyk():
+    img = Image.new("CMYK", (32, 32), (0, 255, 255, 0))  # red in CMYK
+    for fmt in ("JPEG", "TIFF"):
+        out = imageio.decode(encode(img, fmt))
+        assert np.abs(out[16, 16].astype(int) - RED).max() <= 3, fmt
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_sixteen_bit_grey(fmt):
+    a = np.full((32, 32), 65535, np.uint16)
+    a[:, :16] = 32768
+    out = imageio.decode(encode(Image.fromarray(a), fmt))
+    assert tuple(out[0, 20]) == WHITE
+    assert np.abs(out[0, 0].astype(int) - 128).max() <= 1
+
+
+def test_float_and_int32_images():
+    f = Image.fromarray(np.full((32, 32), 0.5, np.float32))
+    assert np.abs(imageio.decode(encode(f, "TIFF"))[0, 0].astype(int) - 128).max() <= 1
+    i = Image.fromarray(np.full((32, 32), 65535, np.int32))
+    assert tuple(imageio.decode(encode(i, "TIFF"))[0, 0]) == WHITE
+
+
+# ------------------------------------------------------------------------------------------ geometry
+def _red_left_blue_right(w=40, h=20) -> Image.Image:
+    img = Image.new("RGB", (w, h), BLUE)
+    img.paste(RED, (0, 0, w // 2, h))
+    return img
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_exif_orientation_applied(fmt):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the left half ends up on top
+    out = imageio.decode(encode(_red_left_blue_right(), fmt, exif=exif.tobytes()))
+    assert np.abs(out[2, 2].astype(int) - RED).max() < 40
+    assert np.abs(out[29, 2].astype(int) - BLUE).max() < 40
+    plain = imageio.decode(encode(_red_left_blue_right(), fmt))
+    assert np.abs(plain[2, 29].astype(int) - BLUE).max() < 40  # without EXIF: left red, right blue
+
+
+def test_resize_whole_image_no_crop():
+    out = imageio.decode(encode(_red_left_blue_right(100, 50), "PNG"))
+    assert out.shape == (32, 32, 3)
+    assert tuple(out[16, 2]) == RED and tuple(out[16, 29]) == BLUE  # squashed, both halves kept
+
+
+def test_downscale_is_antialiased():
+    checker = (np.indices((512, 512)).sum(0) % 2 * 255).astype(np.uint8)  # 1-px checkerboard
+    out = imageio.decode(encode(Image.fromarray(checker), "PNG")).astype(int)
+    assert np.abs(out - 127.5).max() <= 3  # aliasing would leave black/white patterns
+
+
+def test_large_jpeg_photo_decodes_fast_path():
+    photo = Image.fromarray(smooth(32)).resize((2400, 1600), Image.Resampling.BILINEAR)
+    out = imageio.decode(encode(photo, "JPEG", quality=90))
+    ref = np.asarray(Image.fromarray(smooth(32)).resize((32, 32)))
+    assert out.shape == (32, 32, 3) and np.abs(out.astype(int) - ref).mean() < 12
+
+
+# ------------------------------------------------------------------------------------------ rejections
+def test_empty():
+    with pytest.raises(EmptyImage):
+        imageio.decode(b"")
+
+
+@pytest.mark.parametrize("data", [b"hello world", b"%PDF-1.7\n...", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n",
+                                  b"\x00" * 1000])
+def test_not_an_image(data):
+    with pytest.raises(NotAnImage, match="PNG, JPEG"):
+        imageio.decode(data)
+
+
+def test_unlisted_format_refused():
+    ppm = encode(Image.new("RGB", (32, 32)), "PPM")
+    assert Image.open(io.BytesIO(ppm)).format == "PPM"  # Pillow reads it; the service does not
+    with pytest.raises(NotAnImage):
+        imageio.decode(ppm)
+
+
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("JPEG", {}), ("WEBP", {}), ("BMP", {}), ("GIF", {}), ("TIFF", {}),
+                                    ("TIFF", {"compression": "tiff_deflate"})])
+@pytest.mark.parametrize("keep", [0.3, 0.9])
+def test_truncated(pattern, fmt, kw, keep):
+    data = encode(Image.fromarray(pattern), fmt, **kw)
+    with pytest.raises(CorruptImage, match="truncated|damaged"):
+        imageio.decode(data[: int(len(data) * keep)])
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels (a decompression bomb's header) with no real data."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_too_many_pixels_checked_before_decoding():
+    with pytest.raises(ImageTooLarge, match="MP"):
+        imageio.decode(_png_header_only(10_000, 6_000))  # 60 MP > 50 MP default (< Pillow's own 89 MP warning)
+    with pytest.raises(ImageTooLarge):
+        imageio.decode(encode(Image.new("RGB", (64, 64)), "PNG"), max_pixels=1000)
+
+
+def test_pillow_bomb_error_is_too_large():
+    # above twice Image.MAX_IMAGE_PIXELS Pillow itself refuses at open, whatever our own limit
+    with pytest.raises(ImageTooLarge):
+        imageio.decode(_png_header_only(20_000, 20_000), max_pixels=10**12)
+
+
+def test_real_compressed_bomb():
+    bomb = encode(Image.new("1", (8000, 8000)), "PNG")  # 64 MP of zeros: a few kB on the wire
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageTooLarge):
+        imageio.decode(bomb)
+
+
+def test_errors_carry_http_status():
+    assert (EmptyImage.http_status, NotAnImage.http_status, CorruptImage.http_status, ImageTooLarge.http_status) == (
+        400, 415, 422, 413)
+    assert all(issubclass(e, ImageError) for e in (EmptyImage, NotAnImage, CorruptImage, ImageTooLarge))
+
+
+def test_encode_png_round_trip(pattern):
+    assert np.array_equal(imageio.decode(imageio.encode_png(pattern)), pattern)

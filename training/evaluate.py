@@ -1,0 +1,612 @@
+"""Robustness evaluation of a model folder under named threat models, with resumable report folders.
+
+    atop eval --model runs/atop --threat pipeline --attacks clean,fgsm,pgd-20,apgd-ce --out reports/atop-pipe
+    atop eval --model runs/atop --threat transfer --source runs/clf --attacks pgd-20 --out reports/transfer
+    atop eval --model runs/atop --threat classifier --sanity --eps-sweep 0,2,4,8,16/255 --out reports/sanity
+    atop eval --preset table7 --model runs/rt1,runs/rt2,runs/rt3 --out reports/table7
+
+Threat models (named in every report; ``THREATS`` below says exactly what each one does).
+
+Attacks are written as ``name[@key=value...]``, e.g. ``pgd-20``, ``pgd-20@eps=4/255@restarts=5``,
+``apgd-ce@steps=50``, ``square@queries=1000``; see ``FAMILIES``. Every gradient attack on the pipeline
+averages its gradients over ``eot`` fresh draws of RT (EOT); ``--quantize`` rounds adversarial images to
+8 bits, as the service decodes them, with BPDA (straight-through) gradients through the rounding.
+
+Each finished attack is stored in ``<out>/attacks/<attack>.json`` with a fingerprint of everything that
+determines its result (model files, threat, data subset, seed, batch size, RT, attack parameters); a rerun
+with the same fingerprint reuses it, so a killed run resumes without recomputing finished attacks. Every
+attack draws from its own generators seeded from ``seed``, so a resumed run gives what an uninterrupted one
+would. Accuracies carry a 95 % Wilson interval; attack gradients run under bf16 autocast when ``bf16``,
+every accuracy is measured in fp32.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from atop_serve import modelio
+from atop_serve.config import RT_KINDS, RTConfig
+from atop_serve.errors import AtopError
+from atop_serve.transforms import RTInputs, draw_rt_inputs
+
+from . import common
+from .attacks import APGD, BPDA, FGSM, PGD, AutoAttack, Quantize8, Square, StAdv
+from .data import Dataset, default_data_root, load_split
+
+THREATS = {
+    "classifier": "crafted on the classifier alone (with its test-time augmentation), then purified by the "
+                  "pipeline with fresh randomness (the AToP paper's Table 7 setting)",
+    "pipeline": "full white-box on f(g(RT(x))): exact gradients through g, each gradient averaged over `eot` "
+                "fresh RT draws (EOT); evaluated with fresh randomness",
+    "pipeline-fixed": "white-box on f(g(RT(x))) with RT's randomness fixed per batch and shared by attack and "
+                      "evaluation (tells stochasticity from real robustness)",
+    "transfer": "crafted on the classifier of another model folder (--source), then purified by the pipeline "
+                "with fresh randomness",
+    "bare": "the classifier alone, no purifier (the undefended baseline)",
+}
+
+# family -> (parameters a user may set with @key=value, description)
+FAMILIES = {
+    "clean": ((), "no attack"),
+    "fgsm": (("eps",), "FGSM, l_inf (Goodfellow et al. 2015)"),
+    "pgd": (("eps", "alpha", "restarts", "eot"), "pgd-<steps>: PGD l_inf, random start (Madry et al. 2018)"),
+    "pgd-l2": (("eps", "alpha", "restarts", "eot"), "pgd-l2-<steps>: PGD l_2, random start"),
+    "apgd-ce": (("eps", "steps", "restarts", "eot"), "APGD-CE, l_inf (Croce & Hein 2020)"),
+    "apgd-dlr": (("eps", "steps", "restarts", "eot"), "APGD-DLR, l_inf"),
+    "apgd-t": (("eps", "steps", "restarts", "eot", "targets"), "APGD-T (targeted DLR), l_inf"),
+    "square": (("eps", "queries"), "Square, l_inf black-box (Andriushchenko et al. 2020)"),
+    "stadv": (("eps", "steps", "alpha", "tau", "eot"), "StAdv spatial flow, budget 0.05 (Xiao et al. 2018)"),
+    "autoattack": (("eps", "steps", "queries", "targets"), "AutoAttack standard: APGD-CE, APGD-T, Square (FAB-T omitted)"),
+    "autoattack-rand": (("eps", "steps", "eot"), "AutoAttack rand: APGD-CE + APGD-DLR with EOT 20"),
+}
+GRADIENT_LINF = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t")
+LINF = GRADIENT_LINF + ("square", "autoattack", "autoattack-rand")
+TABLE7_ATTACKS = ("clean", "fgsm", "pgd-10", "pgd-20", "pgd-1000")
+
+
+def parse_number(text: str) -> float:
+    """``0.03``, ``8/255``."""
+    try:
+        if "/" in text:
+            a, b = text.split("/", 1)
+            return float(a) / float(b)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise AtopError(f"not a number: {text!r} (use e.g. 0.03 or 8/255)") from None
+
+
+def parse_eps_list(text: str) -> tuple[float, ...]:
+    """``0,2,4,8,16/255`` (whole numbers and a trailing /D: every value is divided by D) or ``0,0.01,8/255``
+    (otherwise each value stands alone)."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        return ()
+    m = re.fullmatch(r"(.*)/(\d+(?:\.\d+)?)", parts[-1])
+    if m and all(p.isdigit() for p in parts[:-1]) and m.group(1).isdigit():
+        d = float(m.group(2))
+        return tuple(parse_number(p) / d for p in parts[:-1]) + (parse_number(m.group(1)) / d,)
+    return tuple(parse_number(p) for p in parts)
+
+
+# ------------------------------------------------------------------------------------------ attack specs
+@dataclass
+class AttackSpec:
+    key: str  # as written, e.g. "pgd-20@eps=4/255"
+    family: str
+    params: dict  # every parameter, resolved
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^A-Za-z0-9.=-]+", "_", self.key)
+
+
+def parse_attack(text: str, cfg: "EvalConfig") -> AttackSpec:
+    """``name[@key=value...]`` -> a spec with every parameter resolved from the config's defaults."""
+    key = text.strip().lower().replace(" ", "")
+    base, *opts = key.split("@")
+    steps = None
+    m = re.fullmatch(r"(pgd-l2|pgd|apgd-ce|apgd-dlr|apgd-t|square|stadv)-(\d+)", base)
+    family = base
+    if m:
+        family, steps = m.group(1), int(m.group(2))
+    if family not in FAMILIES or (family in ("pgd", "pgd-l2") and steps is None):
+        raise AtopError(f"unknown attack {text!r}; valid: clean, fgsm, pgd-<steps>, pgd-l2-<steps>, apgd-ce, "
+                        "apgd-dlr, apgd-t, square, stadv, autoattack, autoattack-rand (options as name@key=value)")
+    allowed, _ = FAMILIES[family]
+    over = {}
+    for o in opts:
+        k, sep, v = o.partition("=")
+        if not sep or k not in allowed:
+            raise AtopError(f"bad option {o!r} in attack {text!r}; {family} takes {', '.join(allowed) or 'none'}")
+        over[k] = parse_number(v)
+    stochastic = cfg.threat == "pipeline"
+    l2 = family == "pgd-l2"
+    eps = over.get("eps", cfg.eps if cfg.eps is not None else (0.5 if l2 else 8 / 255))
+    eot = int(over.get("eot", (20 if family == "autoattack-rand" else cfg.eot) if stochastic else 1))
+    p: dict = {}
+    if family == "clean":
+        pass
+    elif family == "fgsm":
+        p = {"eps": eps, "norm": "linf", "eot": eot}
+    elif family in ("pgd", "pgd-l2"):
+        alpha = over.get("alpha", cfg.alpha if cfg.alpha is not None else eps / 4)
+        p = {"eps": eps, "norm": "l2" if l2 else "linf", "steps": steps, "alpha": alpha,
+             "restarts": int(over.get("restarts", cfg.restarts)), "random_start": True, "eot": eot}
+    elif family.startswith("apgd"):
+        p = {"eps": eps, "norm": "linf", "steps": int(over.get("steps", steps or 100)),
+             "restarts": int(over.get("restarts", cfg.restarts)), "loss": {"apgd-ce": "ce", "apgd-dlr": "dlr",
+                                                                         "apgd-t": "dlr-targeted"}[family],
+             "rho": 0.75, "eot": eot}
+        if family == "apgd-t":
+            p["targets"] = int(over.get("targets", 9))
+    elif family == "square":
+        p = {"eps": eps, "norm": "linf", "queries": int(over.get("queries", steps or 5000)), "p_init": 0.8}
+    elif family == "stadv":
+        p = {"budget": over.get("eps", 0.05), "steps": int(over.get("steps", steps or 100)),
+             "alpha": over.get("alpha", 0.01), "tau": over.get("tau", 0.05), "eot": eot}
+    elif family == "autoattack":
+        p = {"eps": eps, "norm": "linf", "version": "standard", "steps": int(over.get("steps", 100)),
+             "queries": int(over.get("queries", 5000)), "targets": int(over.get("targets", 9)), "eot": eot,
+             "components": ["apgd-ce", "apgd-t", "square"], "omitted": ["fab-t"]}
+    else:
+        p = {"eps": eps, "norm": "linf", "version": "rand", "steps": int(over.get("steps", 100)), "eot": eot,
+             "components": ["apgd-ce", "apgd-dlr"]}
+    for name in ("eps", "budget"):
+        if name in p and not 0 <= p[name] <= 1 + 1e-9 and not l2:
+            raise AtopError(f"attack {text!r}: {name} {p[name]} outside [0, 1] (images are in [0, 1])")
+    return AttackSpec(key, family, p)
+
+
+def build_attack(spec: AttackSpec, model: nn.Module, gen: torch.Generator):
+    p, f = spec.params, spec.family
+    if f == "clean":
+        return None
+    if f == "fgsm":
+        return FGSM(model, p["eps"], eot_iter=p["eot"])
+    if f in ("pgd", "pgd-l2"):
+        return PGD(model, p["eps"], p["alpha"], p["steps"], p["norm"], True, p["restarts"], gen, eot_iter=p["eot"])
+    if f.startswith("apgd"):
+        return APGD(model, p["eps"], p["steps"], p["loss"], p["restarts"], p["rho"], p.get("targets", 9), gen,
+                    eot_iter=p["eot"])
+    if f == "square":
+        return Square(model, p["eps"], p["queries"], p["p_init"], gen)
+    if f == "stadv":
+        return StAdv(model, p["budget"], p["steps"], p["alpha"], p["tau"], generator=gen, eot_iter=p["eot"])
+    if f == "autoattack":
+        return AutoAttack(model, p["eps"], "standard", p["steps"], p["queries"], p["targets"], gen, eot_iter=p["eot"])
+    return AutoAttack(model, p["eps"], "rand", p["steps"], generator=gen, eot_iter=p["eot"])
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+# ------------------------------------------------------------------------------------------ model wrappers
+class _Autocast(nn.Module):
+    def __init__(self, model, enabled, device_type="cpu"):
+        super().__init__()
+        self.model, self.enabled, self.device_type = model, enabled, device_type
+
+    def forward(self, x):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.enabled):
+            return self.model(x).float()
+
+
+def _draws(pipeline, n, samples, gen, device) -> RTInputs:
+    """RT draws from a CPU generator, moved to ``device`` (so GPU runs reproduce CPU runs' randomness)."""
+    return RTInputs(*(t.to(device) for t in draw_rt_inputs(pipeline.transform, n, samples, gen)))
+
+
+class _FixedDraws(nn.Module):
+    """The pipeline with its randomness fixed to ``draws`` (the ``pipeline-fixed`` threat)."""
+
+    def __init__(self, pipeline, draws):
+        super().__init__()
+        self.pipeline, self.draws = pipeline, draws
+
+    def forward(self, x):
+        return self.pipeline(x, rt_inputs=self.draws)
+
+
+class _FreshDraws(nn.Module):
+    """The pipeline drawing fresh randomness at every call from an explicit generator (EOT's draws)."""
+
+    def __init__(self, pipeline, gen):
+        super().__init__()
+        self.pipeline, self.gen = pipeline, gen
+
+    def forward(self, x):
+        return self.pipeline(x, rt_inputs=_draws(self.pipeline, x.size(0), self.pipeline.samples, self.gen, x.device))
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass
+class EvalConfig:
+    threat: str = "classifier"
+    attacks: tuple = ("clean", "fgsm", "pgd-20")
+    n: int = 1000  # class-balanced test images (fixed by seed)
+    batch_size: int = 250
+    samples: int = 1  # K purifications averaged at prediction time
+    eot: int = 8  # gradient samples per step (pipeline threat)
+    eps: float | None = None  # default 8/255 (l_inf), 0.5 (l_2)
+    alpha: float | None = None  # PGD step size, default eps/4
+    restarts: int = 1
+    sigma: float | None = None  # override the model's RT sigma
+    rt: str | None = None  # override the RT kind
+    tta: str | None = None  # override the classifier's TTA
+    source: str | None = None  # transfer threat: model folder whose classifier crafts the examples
+    quantize: bool = False  # round adversarial images to 8 bits (BPDA through the rounding)
+    seed: int = 0
+    bf16: bool = True
+    device: str = "auto"
+    data: str = ""
+    sanity: bool = False
+    eps_sweep: tuple = ()  # extra runs of `sweep_attack` at these eps (on by default with sanity)
+    sweep_attack: str = "pgd-20"
+    sanity_queries: int = 5000  # Square queries in the sanity check
+    grid: int = 8  # images in the clean/adversarial/purified grid
+    grid_attack: str | None = None  # attack shown in the grid (default: the strongest)
+
+
+# keys of EvalConfig that change no attack's result beyond what its resolved parameters record
+_NOT_IN_FINGERPRINT = {"attacks", "eps", "alpha", "restarts", "eot", "sanity", "eps_sweep", "sweep_attack",
+                       "sanity_queries", "grid", "grid_attack", "device", "source"}
+
+
+def folder_fingerprint(folder: Path) -> dict:
+    card = Path(folder) / modelio.CARD
+    return {"path": str(Path(folder).resolve()), "card_sha256": hashlib.sha256(card.read_bytes()).hexdigest()}
+
+
+@dataclass
+class Models:
+    classifier: nn.Module  # the defended model's classifier (as served, with its TTA)
+    pipeline: nn.Module | None  # f(g(RT(x))) or None for the bare threat
+    source: nn.Module | None = None  # transfer source
+    name: str = ""
+    fingerprint: dict = field(default_factory=dict)
+
+
+def load_models(folder, cfg: EvalConfig) -> Models:
+    folder = modelio.resolve(folder)
+    classifier = modelio.load_classifier(folder, cfg.tta)
+    pipeline = None
+    if cfg.threat != "bare":
+        pipeline = modelio.load_pipeline(folder, samples=cfg.samples, tta=cfg.tta)
+        if cfg.sigma is not None or cfg.rt is not None:
+            d = pipeline.transform.to_dict()
+            kind = cfg.rt or d["kind"]
+            if kind not in RT_KINDS:
+                raise AtopError(f"unknown --rt {kind!r}; valid: {', '.join(RT_KINDS)}")
+            pipeline.transform = RTConfig.named(kind, sigma=d["sigma"] if cfg.sigma is None else cfg.sigma,
+                                                views=3 if kind == "rt3" else 1, rate=d["rate"], block=d["block"])
+    fp = {"model": folder_fingerprint(folder)}
+    source = None
+    if cfg.threat == "transfer":
+        src = modelio.resolve(cfg.source)
+        source = modelio.load_classifier(src)
+        fp["source"] = folder_fingerprint(src)
+    for m in (classifier, source):
+        if m is not None:
+            for p in m.parameters():
+                p.requires_grad_(False)
+    return Models(classifier, pipeline, source, str(folder), fp)
+
+
+def machine() -> dict:
+    info = {"device": common.hardware(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise AtopError(f"unknown --device {name!r}; use auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AtopError("--device cuda requested but no CUDA GPU is available")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------- sanity checks
+def sanity_plan(cfg: EvalConfig) -> dict:
+    """The extra attacks the sanity checks need, by role."""
+    sweep = parse_attack(cfg.sweep_attack, cfg)
+    if sweep.family != "pgd" or "@" in cfg.sweep_attack:
+        raise AtopError(f"--sweep-attack must be a plain pgd-<steps>, got {cfg.sweep_attack!r}")
+    k = sweep.params["steps"]
+    eps_list = cfg.eps_sweep or (0, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
+    plan = {"sweep": [f"pgd-{k}@eps={_fmt_eps(e)}" for e in eps_list],
+            "base": f"pgd-{k}", "more_steps": f"pgd-{4 * k}",
+            "unbounded": f"pgd-{k}@eps=1@alpha=0.1",
+            "square": f"square@queries={cfg.sanity_queries}"}
+    if cfg.threat == "pipeline":
+        hi = cfg.eot if cfg.eot > 1 else 4
+        plan["eot_low"], plan["eot_high"] = f"pgd-{k}@eot=1", f"pgd-{k}@eot={hi}"
+    return plan
+
+
+def _fmt_eps(e: float) -> str:
+    k = e * 255
+    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{e:.6g}"
+
+
+def _tol(p1: float, p2: float, n: int) -> float:
+    """Allowed increase between two accuracies on the same n images: ~2 standard errors of a difference."""
+    p = (p1 + p2) / 2
+    return 1.96 * math.sqrt(2 * p * (1 - p) / max(n, 1)) + 1 / max(n, 1)
+
+
+def sanity_checks(acc: dict[str, float], specs: dict[str, AttackSpec], plan: dict, n: int) -> list[dict]:
+    """Pass/fail of the standard checks from measured accuracies (``acc``: attack key -> accuracy)."""
+    checks = []
+
+    def add(name, passed, detail, values):
+        checks.append({"check": name, "passed": bool(passed), "detail": detail, "values": values})
+
+    sweep = sorted(((specs[k].params["eps"], acc[k]) for k in plan["sweep"] if k in acc), key=lambda t: t[0])
+    bad = [(a, b) for a, b in zip(sweep, sweep[1:]) if b[1] > a[1] + _tol(a[1], b[1], n)]
+    add("accuracy non-increasing in epsilon", not bad,
+        "ok" if not bad else "accuracy rises from eps %.4f to %.4f" % (bad[0][0][0], bad[0][1][0]),
+        {"eps": [e for e, _ in sweep], "accuracy": [a for _, a in sweep]})
+    u = acc[plan["unbounded"]]
+    limit = max(0.02, 1 / max(n, 1))
+    add("unbounded attack reaches ~0 %", u <= limit,
+        f"accuracy {u:.4f} under {plan['unbounded']} (limit {limit:.4f})", {"accuracy": u, "limit": limit})
+    a, b = acc[plan["base"]], acc[plan["more_steps"]]
+    add("more steps do not raise accuracy", b <= a + _tol(a, b, n),
+        f"{plan['base']}: {a:.4f}, {plan['more_steps']}: {b:.4f}", {"fewer": a, "more": b})
+    if "eot_low" in plan:
+        a, b = acc[plan["eot_low"]], acc[plan["eot_high"]]
+        add("more EOT samples do not raise accuracy", b <= a + _tol(a, b, n),
+            f"{plan['eot_low']}: {a:.4f}, {plan['eot_high']}: {b:.4f}", {"fewer": a, "more": b})
+    sq = specs[plan["square"]]
+    grads = {k: acc[k] for k, s in specs.items() if k in acc and s.family in GRADIENT_LINF
+             and abs(s.params["eps"] - sq.params["eps"]) < 1e-9}
+    best_key = min(grads, key=grads.get)
+    s, g = acc[plan["square"]], grads[best_key]
+    add("black-box Square not stronger than gradient attacks", s >= g - _tol(s, g, n),
+        f"square: {s:.4f}, best gradient attack {best_key}: {g:.4f}"
+        + ("" if s >= g - _tol(s, g, n) else " (gradients look masked)"), {"square": s, "gradient": g})
+    return checks
+
+
+# -------------------------------------------------------------------------------------------- running
+def _run_attack(spec: AttackSpec, models: Models, test: Dataset, cfg: EvalConfig, device, show_progress, grid_n):
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # random starts, Square's proposals
+    eval_gen = torch.Generator().manual_seed(cfg.seed + 2)  # RT draws at evaluation (and pipeline-fixed)
+    eot_gen = torch.Generator().manual_seed(cfg.seed + 3)  # RT draws inside the attack (pipeline threat)
+    pipeline = models.pipeline
+    correct, t0, examples, attack = [], time.perf_counter(), None, None
+    bar = common.progress(len(test), f"{cfg.threat}/{spec.key}", show_progress)
+    for i in range(0, len(test), cfg.batch_size):
+        x = (test.images[i : i + cfg.batch_size].float() / 255).to(device)
+        y = test.labels[i : i + cfg.batch_size].to(device)
+        draws = None
+        if cfg.threat in ("classifier", "bare"):
+            target = models.classifier
+        elif cfg.threat == "transfer":
+            target = models.source
+        elif cfg.threat == "pipeline":
+            target = _FreshDraws(pipeline, eot_gen)
+        else:
+            draws = _draws(pipeline, len(x), cfg.samples, eval_gen, device)
+            target = _FixedDraws(pipeline, draws)
+        if cfg.quantize:
+            target = nn.Sequential(BPDA(Quantize8()), target)
+        attack = build_attack(spec, _Autocast(target, cfg.bf16, device.type), gen)
+        x_adv = attack(x, y) if attack is not None else x
+        if cfg.quantize:
+            x_adv = Quantize8()(x_adv)
+        with torch.no_grad():
+            purified = None
+            if pipeline is None:
+                pred = models.classifier(x_adv).argmax(1)
+            else:
+                out = pipeline.run(x_adv, draws if draws is not None else
+                                   _draws(pipeline, len(x), cfg.samples, eval_gen, device))
+                pred, purified = out["probs"].argmax(1), out["purified"]
+            if examples is None and grid_n > 0:
+                g = min(grid_n, len(x))
+                examples = {"clean": x[:g], "adversarial": x_adv[:g], "labels": y[:g], "pred": pred[:g],
+                            "pred_classifier": models.classifier(x_adv[:g]).argmax(1)}
+                if purified is not None:
+                    examples["purified"] = purified[:g].float()
+                examples = {k: v.detach().cpu().clone() for k, v in examples.items()}
+        correct.append((pred == y).cpu())
+        bar.update(len(x))
+    bar.close()
+    mask = torch.cat(correct)
+    k, n = int(mask.sum()), len(mask)
+    lo, hi = wilson(k, n)
+    result = {"attack": spec.family, "params": dict(spec.params), "accuracy": k / n, "correct": k, "n": n, "ci95": [lo, hi],
+              "seconds": round(time.perf_counter() - t0, 2), "correct_mask": mask.int().tolist()}
+    return result, examples
+
+
+def _fingerprint(models: Models, cfg: EvalConfig, spec: AttackSpec, device) -> str:
+    conf = {k: v for k, v in asdict(cfg).items() if k not in _NOT_IN_FINGERPRINT}
+    conf["device_type"] = device.type
+    blob = json.dumps({"models": models.fingerprint, "config": conf, "attack": spec.family,
+                       "params": spec.params}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _save_examples(path: Path, examples: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(examples, str(tmp))
+    tmp.replace(path)
+
+
+def load_examples(path: Path) -> dict | None:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path)) if path.exists() else None
+    except Exception:  # noqa: BLE001  (a broken file only costs the image grid)
+        return None
+
+
+def run_eval(models: Models, test: Dataset, cfg: EvalConfig, out: Path | None = None,
+             show_progress: bool = True) -> dict:
+    """Run every attack of ``cfg`` (plus the sanity plan) on ``test``; with ``out``, resume from and write
+    per-attack results there. Returns the report (see ``write_report``)."""
+    if cfg.threat not in THREATS:
+        raise AtopError(f"unknown threat model {cfg.threat!r}; valid: {', '.join(THREATS)}")
+    device = _device(cfg.device)
+    keys = list(dict.fromkeys(a.strip().lower() for a in cfg.attacks if a.strip()))
+    plan = None
+    extra = [f"{cfg.sweep_attack}@eps={_fmt_eps(e)}" for e in cfg.eps_sweep] if cfg.eps_sweep and not cfg.sanity else []
+    if cfg.sanity:
+        plan = sanity_plan(cfg)
+        extra = plan["sweep"] + [plan[r] for r in ("base", "more_steps", "unbounded", "square", "eot_low", "eot_high")
+                                 if r in plan]
+    keys += [k for k in extra if k not in keys]
+    specs = {k: parse_attack(k, cfg) for k in keys}
+    for m in (models.classifier, models.pipeline, models.source):
+        if m is not None:
+            m.to(device).eval()
+    t_start, results, examples = time.perf_counter(), {}, {}
+    adir = out / "attacks" if out is not None else None
+    if adir is not None:
+        adir.mkdir(parents=True, exist_ok=True)
+    same: dict[str, str] = {}  # fingerprint -> first key: keys that resolve to the same attack run once
+    for key, spec in specs.items():
+        fp = _fingerprint(models, cfg, spec, device)
+        if fp in same:
+            results[key] = {**results[same[fp]], "same_as": same[fp]}
+            if same[fp] in examples:
+                examples[key] = examples[same[fp]]
+            continue
+        same[fp] = key
+        path = adir / f"{spec.slug}.json" if adir is not None else None
+        if path is not None and path.exists():
+            try:
+                saved = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                saved = {}
+            if saved.get("fingerprint") == fp:
+                results[key] = {**saved["result"], "resumed": True}
+                ex = load_examples(adir / f"{spec.slug}.examples.safetensors")
+                if ex is not None:
+                    examples[key] = ex
+                _print_line(cfg.threat, key, results[key], resumed=True)
+                continue
+        res, ex = _run_attack(spec, models, test, cfg, device, show_progress, cfg.grid)
+        results[key] = {**res, "resumed": False}
+        if ex is not None:
+            examples[key] = ex
+        if path is not None:
+            if ex is not None:
+                _save_examples(adir / f"{spec.slug}.examples.safetensors", ex)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({"fingerprint": fp, "key": key, "result": res}, indent=1))
+            tmp.replace(path)  # written last and atomically: a killed run never leaves a half result
+        _print_line(cfg.threat, key, results[key])
+    checks = None
+    if plan is not None:
+        checks = sanity_checks({k: r["accuracy"] for k, r in results.items()}, specs, plan, len(test))
+    rt = models.pipeline.transform.to_dict() if models.pipeline is not None else None
+    report = {
+        "model": models.name, "threat": cfg.threat, "threat_description": THREATS[cfg.threat],
+        "source": cfg.source if cfg.threat == "transfer" else None,
+        "n": len(test), "seed": cfg.seed, "config": asdict(cfg), "rt": rt,
+        "tta": getattr(models.classifier, "mode", None), "attacks": keys,
+        "results": results, "sanity": checks, "sanity_plan": plan,
+        "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "compute_seconds": round(sum(r["seconds"] for r in results.values()), 2),
+        "machine": machine(), "command": common.command_line(), "git_commit": common.git_commit(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "classes": test.classes, "data": test.source,
+    }
+    if out is not None:
+        from .eval_report import write_report
+
+        write_report(report, out, examples)
+    if checks is not None:
+        for c in checks:
+            print(f"sanity {'PASS' if c['passed'] else 'FAIL'}: {c['check']}: {c['detail']}", flush=True)
+    report["_examples"] = examples
+    return report
+
+
+def _print_line(threat, key, r, resumed=False):
+    lo, hi = r["ci95"]
+    tail = "resumed" if resumed else f"{r['seconds']}s"
+    print(f"{threat:>15} {key:>24}: {r['accuracy']:.4f}  [{lo:.3f}, {hi:.3f}]  ({tail})", flush=True)
+
+
+def test_subset(cfg: EvalConfig) -> Dataset:
+    return load_split(cfg.data or default_data_root(), "test").balanced_subset(cfg.n, seed=cfg.seed)
+
+
+def validate(cfg: EvalConfig) -> None:
+    """Fail fast, before loading anything, on arguments a user can fix."""
+    if cfg.threat not in THREATS:
+        raise AtopError(f"unknown threat model {cfg.threat!r}; valid: {', '.join(THREATS)}")
+    if cfg.threat == "transfer" and not cfg.source:
+        raise AtopError("--threat transfer needs --source <model folder> (the model the examples are crafted on)")
+    if cfg.n < 1 or cfg.batch_size < 1:
+        raise AtopError(f"--n and --batch-size must be positive, got {cfg.n} and {cfg.batch_size}")
+    for a in cfg.attacks:
+        parse_attack(a, cfg)
+    if cfg.sanity:
+        sanity_plan(cfg)
+    _device(cfg.device)
+
+
+def evaluate(folder, cfg: EvalConfig, show_progress: bool = True, out: Path | None = None) -> dict:
+    """Evaluate a model folder (``None``: the shipped one) under ``cfg``; with ``out``, write a report folder."""
+    validate(cfg)
+    models = load_models(folder, cfg)
+    return run_eval(models, test_subset(cfg), cfg, Path(out) if out is not None else None, show_progress)
+
+
+def table7(folders: list[str], cfg: EvalConfig, out: Path, rts: list[str] | None = None,
+           show_progress: bool = True) -> str:
+    """The AToP paper's Table 7 grid: for each model folder (and each RT kind in ``rts``, default the folder's
+    own), accuracy under the classifier threat for clean, FGSM, PGD-10, PGD-20, PGD-1000. Each cell is a
+    resumable report folder under ``out``; returns (and writes to ``out/table7.md``) one Markdown table."""
+    cfg = replace(cfg, threat="classifier", attacks=cfg.attacks or TABLE7_ATTACKS, sanity=False, eps_sweep=())
+    validate(cfg)
+    for r in rts or ():
+        if r not in RT_KINDS:
+            raise AtopError(f"unknown RT kind {r!r}; valid: {', '.join(RT_KINDS)}")
+    for f in folders:
+        modelio.read_card(modelio.resolve(f))  # all folders checked before the first long run
+    test = test_subset(cfg)
+    rows = []
+    for f in folders:
+        for rt in rts or [None]:
+            c = replace(cfg, rt=rt)
+            models = load_models(f, c)
+            kind = models.pipeline.transform.kind
+            name = Path(models.name).name
+            rep = run_eval(models, test, c, out / f"{name}-{kind}", show_progress)
+            rows.append((name, kind, rep))
+    from .eval_report import table7_markdown
+
+    md = table7_markdown(rows, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table7.md").write_text(md)
+    return md
