@@ -226,6 +226,32 @@ def export(
     typer.echo(json.dumps(summary, indent=1))
 
 
+@app.command("sweep-sigma")
+def sweep_sigma_cmd(
+    model: str = typer.Option(..., help="Model folder with a purifier (best: pre-trained with --sigma-range)."),
+    sigmas: str = typer.Option("0,0.05,0.1,0.15,0.2,0.25", help="Comma-separated noise levels."),
+    attacks: str = typer.Option("clean,pgd-20", help="Attacks per sigma (see atop eval)."),
+    threat: str = typer.Option("classifier", help="Threat model (see atop eval)."),
+    n: int = typer.Option(500, help="Class-balanced test images."),
+    batch_size: int = typer.Option(250, help="Batch size."),
+    seed: int = typer.Option(0, help="Seed."),
+    data: str = DataOpt,
+    out: Path = typer.Option(..., help="Output folder (sweep.json, sweep.md, sweep.png, one report per sigma)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Clean vs robust accuracy as a function of the RT noise sigma, plotted: choose sigma by measurement."""
+    from training.evaluate import EvalConfig
+    from training.sweep import sweep_sigma
+
+    try:
+        values = [float(s) for s in sigmas.split(",") if s.strip()]
+    except ValueError:
+        raise AtopError(f"--sigmas must be comma-separated numbers, got {sigmas!r}") from None
+    cfg = EvalConfig(threat=threat, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), n=n,
+                     batch_size=batch_size, seed=seed, data=data, grid=0)
+    sweep_sigma(model, values, cfg, out, show_progress=progress)
+
+
 def main() -> None:
     try:
         app()

@@ -50,7 +50,7 @@ def decode(data: bytes, size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning, if made an error
         raise ImageTooLarge(f"the image has too many pixels: {e}") from None
     except Exception as e:  # noqa: BLE001  (a damaged header can raise anything inside a decoder)
-        raise CorruptImage(f"the image header is damaged: {_reason(e)}") from None
+        raise CorruptImage(f"the image is truncated or damaged: {_reason(e)}") from None
     with img:
         return _pixels(img, size, max_pixels)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from atop_serve import modelio
 from atop_serve.config import RTConfig
-from atop_serve.errors import ExportError, ModelError
+from atop_serve.errors import AtopError, ExportError, ModelError
 
 FORMATS = {"onnx": ("onnx",), "tensorrt": ("onnx", "tensorrt"), "all": ("onnx", "tensorrt")}
 EXPORTED_FILES = (modelio.ONNX_FILE, modelio.OPT_ONNX_FILE, modelio.TRT_FILE)
@@ -170,7 +170,7 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
         t_onnx = time.perf_counter() - t0
         vset = verify.load_images(verify_n, data, "test", seed)
         log(f"  ONNX graph written in {t_onnx:.1f} s; verifying on {len(vset)} images ({vset.source})")
-        ver_onnx, eager, onnx_logits = verify.verify_onnx(pipeline, onnx_path, vset, seed=seed)
+        ver_onnx, _, onnx_logits = verify.verify_onnx(pipeline, onnx_path, vset, seed=seed)
         log(f"  ONNX Runtime CPU vs PyTorch: max |diff| {ver_onnx['max_abs_diff']:.2e}, "
             f"top-1 agreement {100 * ver_onnx['top1_agreement']:.2f} %"
             + (f", clean accuracy {100 * ver_onnx['accuracy']:.2f} %" if "accuracy" in ver_onnx else ""))
@@ -189,7 +189,7 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
                 files[modelio.OPT_ONNX_FILE] = {"precision": "int8" if vrec["shipped"] == "int8" else "fp32",
                                                 "runtime": "onnxruntime CPUExecutionProvider", "role": "faster CPU variant",
                                                 "variant": vrec["shipped"]}
-            for f in tmp.glob("candidate-*.onnx"):
+            for f in tmp.glob("candidate-*"):
                 f.unlink()
             section["cpu_variant"] = vrec
         if "tensorrt" in targets:
@@ -225,17 +225,22 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
             tag = store.register(tmp, name, _metadata(new_card), _labels(new_card))
             log(f"  registered in the BentoML store as {tag}")
         _commit(tmp, out, in_place)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if tag:
             from . import store
 
-            store.delete(tag)
+            try:
+                store.delete(tag)
+            except Exception:  # noqa: BLE001  (report the original failure, not the rollback's)
+                pass
         for c in created_parents:
             try:
                 c.rmdir()
             except OSError:
                 pass
+        if isinstance(e, AtopError):
+            raise type(e)(f"{e}; nothing was written to {out}") from None
         raise
     seconds = round(time.perf_counter() - t_start, 1)
     log(f"done in {seconds} s: {out}")

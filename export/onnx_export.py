@@ -3,8 +3,8 @@
 Graph contract (also what the service feeds):
   inputs   images (N, 3, 32, 32) float32 in [0, 1]
            u_mask (N, K, V, 1, G, G) ~ U[0, 1), z (N, K, V, 3, 32, 32) ~ N(0, 1), u_mix (N, K, V) ~ U(0, 1]
-           (inputs the transform does not use, e.g. z for RT1, are dropped from the graph: feed only the
-           names the session lists)
+           (feed the names the session lists: today all four, also where the transform ignores one, e.g.
+           u_mix outside RT3; ``feed_for`` does it)
   outputs  probs (N, C), logits (N, C), purified (N, 3, 32, 32), transformed (N, 3, 32, 32), mask (N, 1, 32, 32)
 N (batch) and K (purification samples) are dynamic.
 

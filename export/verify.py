@@ -148,7 +148,7 @@ def check(result: dict, kind: str, what: str) -> dict:
            "passed": not fails}
     if fails:
         raise ExportError(f"verification of {what} failed on {result['n']} images: {'; '.join(fails)} "
-                          f"(exported and eager PyTorch disagree; nothing was written)")
+                          "(the exported graph and eager PyTorch disagree)")
     return out
 
 

@@ -1,0 +1,420 @@
+"""The service end to end: a real ``bentoml serve`` subprocess (started once for the module) answering every
+endpoint and every error case; plus, in process, the engine it runs (draws, seeds, fallback) and its settings.
+
+The served model has random weights and the random transform switched off (rate 0, sigma 0), so the pipeline is
+deterministic and the service's answers can be compared exactly with the offline ONNX graph's. The draws
+themselves are tested in process on a model with the usual random transform.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from atop_serve import modelio
+from atop_serve.config import RTConfig, draw_rt_inputs_numpy
+from atop_serve.engine import OnnxEngine, TorchEngine, load_engine, request_draws, row_seeds
+from atop_serve.errors import ModelError
+from atop_serve.settings import Settings, model_tag
+
+from tests.conftest import DATA_ROOT, make_model_folder, needs_data
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER_ENV = {  # small limits keep the error tests cheap
+    "ATOP_MAX_REQUEST_BYTES": str(1024 * 1024), "ATOP_MAX_IMAGES": "8", "ATOP_MAX_SAMPLES": "4",
+    "ATOP_ALLOW_SEED": "0", "ATOP_ORT_THREADS": "1", "OMP_NUM_THREADS": "1",
+}
+READY_TIMEOUT_S = 60
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+def _exported(folder: Path) -> Path:
+    import torch
+
+    from export.onnx_export import export_onnx
+
+    torch.set_num_threads(1)
+    export_onnx(modelio.load_pipeline(folder), folder / modelio.ONNX_FILE)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def det_folder(tmp_path_factory) -> Path:
+    """A serving folder (random weights + graph) whose RT does nothing: rt1 with rate 0."""
+    folder = make_model_folder(tmp_path_factory.mktemp("serve") / "det", rt_kind="rt1")
+    card = modelio.read_card(folder)
+    card["purifier"]["rt"]["rate"] = 0.0
+    modelio.write_card(folder, card)
+    return _exported(folder)
+
+
+@pytest.fixture(scope="session")
+def rt_folder(tmp_path_factory) -> Path:
+    """A serving folder with the usual random transform (rt2)."""
+    return _exported(make_model_folder(tmp_path_factory.mktemp("serve") / "rt2", seed=1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    log: Path
+    startup_s: float
+
+    def post(self, path, **kw) -> httpx.Response:
+        return httpx.post(self.url + path, timeout=60, **kw)
+
+
+@pytest.fixture(scope="module")
+def server(det_folder, tmp_path_factory):
+    port, tmp = _free_port(), tmp_path_factory.mktemp("bentoml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ATOP_")}
+    env.update(SERVER_ENV, ATOP_MODEL=str(det_folder), BENTOML_HOME=str(tmp / "home"), BENTOML_DO_NOT_TRACK="True")
+    log = tmp / "serve.log"
+    start = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(port)], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if time.perf_counter() - start > READY_TIMEOUT_S:
+                pytest.fail(f"not ready after {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield Server(url, log, time.perf_counter() - start)
+    finally:
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images() -> list[np.ndarray]:
+    rng = np.random.default_rng(3)
+    return [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
+
+
+def offline_probs(folder: Path, pixels: np.ndarray) -> np.ndarray:
+    """The exported graph run directly (no atop_serve engine code): uint8 (N, 32, 32, 3) -> probs."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(folder / modelio.ONNX_FILE), providers=["CPUExecutionProvider"])
+    rt = RTConfig.from_dict(modelio.read_card(folder)["purifier"]["rt"])
+    x = pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    draws = draw_rt_inputs_numpy(rt, len(x), 1)
+    feed = {"images": x, **{i.name: draws[i.name] for i in session.get_inputs() if i.name != "images"}}
+    return session.run(["probs"], feed)[0]
+
+
+# ------------------------------------------------------------------------------------------ endpoints
+def test_ready_quickly_with_health_and_metrics(server):
+    assert server.startup_s < 30, f"ready after {server.startup_s:.1f} s"
+    for path in ("/livez", "/readyz"):
+        assert httpx.get(server.url + path).status_code == 200
+    metrics = httpx.get(server.url + "/metrics")
+    assert metrics.status_code == 200 and "bentoml_service" in metrics.text
+    log = server.log.read_text()
+    assert "backend onnxruntime" in log and "CPUExecutionProvider" in log and str(Path("det")) in log
+
+
+def test_classify(server, det_folder, images):
+    r = server.post("/classify", files={"image": ("a.png", png(images[0]), "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    classes = modelio.read_card(det_folder)["classes"]
+    assert set(body) == {"label", "class_id", "probabilities", "samples", "model"}
+    assert body["label"] == classes[body["class_id"]] and list(body["probabilities"]) == classes
+    assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
+    assert body["samples"] == 1 and body["model"] == "random-0"
+    ref = offline_probs(det_folder, images[0][None])[0]
+    assert body["class_id"] == int(ref.argmax())
+    assert np.allclose(list(body["probabilities"].values()), ref, atol=1e-5)
+
+
+def test_classify_samples(server, images):
+    r = server.post("/classify", files={"image": ("a.png", png(images[0]))}, data={"samples": "4"})
+    assert r.status_code == 200 and r.json()["samples"] == 4
+
+
+@pytest.mark.parametrize("fmt,kw,mode", [("JPEG", {"quality": 90}, "RGB"), ("WEBP", {}, "RGBA"), ("GIF", {}, "P"),
+                                         ("BMP", {}, "RGB"), ("TIFF", {}, "CMYK"), ("PNG", {}, "I;16")])
+def test_classify_accepts_formats_and_modes(server, fmt, kw, mode):
+    base = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8))  # not 32x32
+    img = base.convert("L").convert("I;16") if mode == "I;16" else base.convert(mode)
+    r = server.post("/classify", files={"image": (f"x.{fmt.lower()}", encode(img, fmt, **kw))})
+    assert r.status_code == 200, r.text
+
+
+def test_classify_batch_keeps_order(server, images):
+    files = [("images", (f"{i}.png", png(p), "image/png")) for i, p in enumerate(images)]
+    r = server.post("/classify_batch", files=files)
+    assert r.status_code == 200, r.text
+    batch = r.json()
+    assert len(batch) == len(images)
+    for p, answer in zip(images, batch):
+        single = server.post("/classify", files={"image": ("x.png", png(p))}).json()
+        assert answer["class_id"] == single["class_id"]
+        assert np.allclose(list(answer["probabilities"].values()), list(single["probabilities"].values()), atol=1e-5)
+
+
+def test_purify_views(server, images):
+    for view in ("purified", "transformed", "mask"):
+        data = {} if view == "purified" else {"view": view}
+        r = server.post("/purify", files={"image": ("a.png", png(images[1]))}, data=data)
+        assert r.status_code == 200, r.text
+        assert r.headers["content-type"] == "image/png"
+        out = np.asarray(Image.open(io.BytesIO(r.content)))
+        assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+        if view == "transformed":  # the RT is off here: RT(x) = x
+            assert np.array_equal(out, images[1])
+        if view == "mask":  # 1 marks a missing pixel; none is missing at rate 0
+            assert not out.any()
+
+
+def test_metadata_get_and_post(server, det_folder):
+    got = httpx.get(server.url + "/metadata")
+    assert got.status_code == 200
+    meta = got.json()
+    card = modelio.read_card(det_folder)
+    assert meta["classes"] == card["classes"] and meta["purifier"]["rt"] == card["purifier"]["rt"]
+    serving = meta["serving"]
+    assert serving["backend"] == "onnxruntime" and serving["providers"] == ["CPUExecutionProvider"]
+    assert {"atop_serve", "bentoml", "onnxruntime", "numpy", "pillow"} <= set(serving["versions"])
+    assert serving["seed_allowed"] is False and serving["limits"]["max_images"] == 8
+    assert server.post("/metadata", json={}).json() == meta
+
+
+def test_python_client(server, images, tmp_path):
+    import bentoml
+
+    path = tmp_path / "x.png"
+    path.write_bytes(png(images[2]))
+    with bentoml.SyncHTTPClient(server.url) as client:
+        answer = client.classify(image=path, samples=2)
+        assert answer["samples"] == 2 and answer["label"] in client.metadata()["classes"]
+        assert [a["class_id"] for a in client.classify_batch(images=[path, path])] == [answer["class_id"]] * 2
+        assert client.purify(image=path, view="transformed").size == (32, 32)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _chunked_upload():
+    yield b'--bnd\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
+    for _ in range(3):
+        yield b"\xff" * (512 * 1024)
+    yield b"\r\n--bnd--\r\n"
+
+
+GOOD = png(np.zeros((32, 32, 3), np.uint8))
+JPEG = encode(Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)), "JPEG")
+ERROR_CASES = {  # name: (path, request keywords, status, text the message holds)
+    "empty file": ("/classify", {"files": {"image": ("a.png", b"")}}, 400, "empty"),
+    "not an image": ("/classify", {"files": {"image": ("a.txt", b"hello, world")}}, 415, "not an image"),
+    "truncated": ("/classify", {"files": {"image": ("a.jpg", JPEG[: len(JPEG) // 2])}}, 422, "truncated"),
+    "too many bytes": ("/classify", {"files": {"image": ("a.png", b"\0" * (1024 * 1024 + 10))}}, 413, "too large"),
+    "too many bytes streamed": ("/classify", {"content": _chunked_upload,
+                                              "headers": {"content-type": "multipart/form-data; boundary=bnd"}},
+                                413, "too large"),
+    "too many pixels": ("/classify", {"files": {"image": ("a.png", _png_header_only(10_000, 6_000))}}, 413, "MP"),
+    "pillow bomb": ("/classify", {"files": {"image": ("a.png", _png_header_only(20_000, 20_000))}}, 413, "pixels"),
+    "too many images": ("/classify_batch", {"files": [("images", (f"{i}.png", GOOD)) for i in range(9)]}, 413,
+                        "limit is 8"),
+    "no images": ("/classify_batch", {"files": {"samples": (None, "1")}}, 400, "missing file field 'images'"),
+    "one bad image in a batch": ("/classify_batch", {"files": [("images", ("a.png", GOOD)), ("images", ("b", b"??")),
+                                                               ("images", ("c.png", GOOD))]}, 415, "image 2 of 3"),
+    "samples 0": ("/classify", {"files": {"image": ("a.png", GOOD)}, "data": {"samples": "0"}}, 400, "samples"),
+    "samples above max": ("/classify", {"files": {"image": ("a.png", GOOD)}, "data": {"samples": "5"}}, 400,
+                          "less than or equal to 4"),
+    "samples not a number": ("/classify", {"files": {"image": ("a.png", GOOD)}, "data": {"samples": "many"}}, 400,
+                             "samples"),
+    "wrong field name": ("/classify", {"files": {"file": ("a.png", GOOD)}}, 400, "unknown field 'file'"),
+    "text in file field": ("/classify", {"files": {"image": (None, "cat.jpg")}}, 400, "must be a file upload"),
+    "two images to /classify": ("/classify", {"files": [("image", ("a.png", GOOD)), ("image", ("b.png", GOOD))]},
+                                400, "classify_batch"),
+    "seed while refused": ("/classify", {"files": {"image": ("a.png", GOOD)}, "data": {"seed": "7"}}, 400,
+                           "ATOP_ALLOW_SEED"),
+    "seed to /purify while refused": ("/purify", {"files": {"image": ("a.png", GOOD)}, "data": {"seed": "7"}}, 400,
+                                      "seed"),
+    "json body": ("/classify", {"json": {"image": "a.png"}}, 415, "multipart/form-data"),
+    "malformed multipart": ("/classify", {"content": b"garbage",
+                                          "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 400,
+                            "malformed"),
+    "unknown view": ("/purify", {"files": {"image": ("a.png", GOOD)}, "data": {"view": "noise"}}, 400, "view"),
+    "garbage to /purify": ("/purify", {"files": {"image": ("a.gif", b"GIF89a" + b"\0" * 10)}}, 422, "GIF"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_errors_are_clear_4xx(server, case):
+    path, kw, status, text = ERROR_CASES[case]
+    if callable(kw.get("content")):
+        kw = {**kw, "content": kw["content"]()}
+    r = server.post(path, **kw)
+    assert r.status_code == status, (r.status_code, r.text)
+    body = r.json()
+    assert set(body) == {"error"} and text in body["error"], body
+
+
+def test_still_correct_after_bad_requests(server, det_folder, images):
+    r = server.post("/classify", files={"image": ("a.png", png(images[0]))})
+    assert r.status_code == 200
+    ref = offline_probs(det_folder, images[0][None])[0]
+    assert np.allclose(list(r.json()["probabilities"].values()), ref, atol=1e-5)
+    assert httpx.get(server.url + "/readyz").status_code == 200
+
+
+@needs_data()
+def test_accuracy_equals_offline_graph(server, det_folder):
+    """200 real test images (20 per class) sent as files, concurrently: service top-1 = offline graph top-1."""
+    classes = sorted(p.name for p in (DATA_ROOT / "test").iterdir() if p.is_dir())
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((DATA_ROOT / "test" / name).glob("*.jpg"))[:20]]
+    labels = np.array([c for _, c in files])
+
+    def ask(path: Path) -> int:
+        r = httpx.post(server.url + "/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["class_id"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        served = np.array(list(pool.map(ask, [f for f, _ in files])))
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f, _ in files])
+    offline = offline_probs(det_folder, pixels).argmax(1)
+    assert abs((served == labels).mean() - (offline == labels).mean()) <= 0.03
+    assert (served == offline).mean() >= 0.95  # same function: only float rounding of near-ties may differ
+
+
+def test_server_never_crashed(server):
+    log = server.log.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert log.count("Service atop-model initialized") == 1 and log.count("Service atop initialized") == 1
+
+
+# ------------------------------------------------------------------------------------------ in process: engine
+def test_engine_rows_equal_graph_for_a_seed(rt_folder):
+    engine = load_engine(rt_folder, threads=1)
+    assert isinstance(engine, OnnxEngine) and engine.rt.kind == "rt2"
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    probs = engine.classify(pixels, samples=3, seeds=[5, 6, 7])
+    x = pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    for i, seed in enumerate([5, 6, 7]):  # the graph fed (N=1, K=3) with the request's draws
+        draws = request_draws(engine.rt, seed, 3)
+        feed = {"images": x[i : i + 1], **{n: draws[n] for n in engine.input_names if n != "images"}}
+        assert np.abs(engine.session.run(["probs"], feed)[0][0] - probs[i]).max() < 1e-5
+
+
+def test_draws_are_fresh_unless_seeded(rt_folder):
+    assert row_seeds(None, 4) != row_seeds(None, 4)
+    assert row_seeds(7, 4) == row_seeds(7, 4) and len(set(row_seeds(7, 4))) == 4
+    engine = load_engine(rt_folder, threads=1)
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert not np.array_equal(engine.classify(pixels), engine.classify(pixels))
+    assert np.array_equal(engine.classify(pixels, seeds=[1, 2]), engine.classify(pixels, seeds=[1, 2]))
+    _, pictures = engine.predict_rows(pixels, row_seeds(None, 2), ["mask", "mask"])
+    assert not np.array_equal(pictures[0], pictures[1])  # two requests, two masks
+
+
+def test_torch_fallback_when_no_graph(rt_folder, tmp_path):
+    no_graph = shutil.copytree(rt_folder, tmp_path / "eager", ignore=shutil.ignore_patterns(modelio.ONNX_FILE))
+    eager = load_engine(no_graph, threads=1)
+    assert isinstance(eager, TorchEngine) and eager.describe()["backend"] == "pytorch"
+    onnx = load_engine(rt_folder, threads=1)
+    pixels = np.random.default_rng(2).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    assert np.abs(eager.classify(pixels, 2, [3, 4, 5, 6]) - onnx.classify(pixels, 2, [3, 4, 5, 6])).max() < 1e-4
+
+
+def test_engine_refuses_unservable_folders(rt_folder, tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        load_engine(tmp_path / "nowhere")
+    clf_only = shutil.copytree(rt_folder, tmp_path / "clf")
+    card = modelio.read_card(clf_only)
+    del card["purifier"]
+    modelio.write_card(clf_only, card)
+    with pytest.raises(ModelError, match="no purifier"):
+        load_engine(clf_only)
+
+
+# ------------------------------------------------------------------------------------------ in process: settings
+def test_settings_from_env():
+    s = Settings.from_env({})
+    assert (s.allow_seed, s.max_batch_size, s.model_tag) == (False, 64, None)
+    s = Settings.from_env({"ATOP_ALLOW_SEED": "1", "ATOP_MAX_SAMPLES": "16", "ATOP_PROVIDERS": "CPUExecutionProvider"})
+    assert s.allow_seed and s.max_samples == 16 and s.providers == ("CPUExecutionProvider",)
+    for bad in ({"ATOP_MAX_SAMPLES": "lots"}, {"ATOP_ALLOW_SEED": "maybe"}, {"ATOP_MAX_IMAGES": "0"}):
+        with pytest.raises(ModelError, match="ATOP_"):
+            Settings.from_env(bad)
+
+
+def test_model_spec_tag_or_folder(tmp_path):
+    assert model_tag("atop-default:latest") == "atop-default:latest" and model_tag("atop-default") == "atop-default"
+    assert model_tag("") is None and model_tag(str(tmp_path)) is None and model_tag("some/folder") is None
+
+
+def test_model_from_bentoml_store(det_folder, tmp_path):
+    """ATOP_MODEL=<tag>: a BentoML store model whose directory is a serving folder."""
+    script = (
+        "import shutil, sys, bentoml\n"
+        "from atop_serve.settings import resolve_model\n"
+        "with bentoml.models.create('atop-test') as ref:\n"
+        "    shutil.copytree(sys.argv[1], ref.path, dirs_exist_ok=True)\n"
+        "folder, tag = resolve_model('atop-test:latest')\n"
+        "print(folder / 'card.json', tag)\n"
+    )
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
+    out = subprocess.run([sys.executable, "-c", script, str(det_folder)], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    card_path, tag = out.stdout.split()
+    assert json.loads(Path(card_path).read_text())["name"] == "random-0" and tag.startswith("atop-test:")
