@@ -252,6 +252,20 @@ def sweep_sigma_cmd(
     sweep_sigma(model, values, cfg, out, show_progress=progress)
 
 
+@app.command()
+def pack(
+    model: str = typer.Option(..., help="Trained model folder (card.json + safetensors)."),
+    out: Path = typer.Option(..., help="Folder to write (replaced atomically)."),
+    half: bool = typer.Option(True, help="Store weights as float16 (half the size; loaded back as float32)."),
+):
+    """Copy a model folder for shipping: card and weights only, optionally float16 weights."""
+    from export.pack import pack as pack_folder
+
+    card = pack_folder(model, out, half=half)
+    sizes = {p.name: p.stat().st_size for p in Path(out).iterdir()}
+    typer.echo(json.dumps({"out": str(out), "files": sizes, "classes": len(card["classes"])}, indent=1))
+
+
 def main() -> None:
     try:
         app()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence, get_args
 
 import numpy as np
 
@@ -24,7 +24,8 @@ from .errors import ModelError
 from .modelio import ONNX_FILE, read_card
 
 OUTPUTS = ("probs", "logits", "purified", "transformed", "mask")
-VIEWS = ("purified", "transformed", "mask")
+View = Literal["purified", "transformed", "mask"]  # the output images a row can return
+VIEWS = get_args(View)
 AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,17 @@ def row_seeds(seed: int | None, k: int) -> list[int]:
     """The K per-sample seeds of one request (128-bit): from OS entropy, or reproducibly from ``seed``."""
     words = np.random.SeedSequence(seed).generate_state(4 * k, np.uint32).reshape(k, 4)
     return [int.from_bytes(w.tobytes(), "little") for w in words]
+
+
+def images_row_seeds(seeds: Sequence[int | None], samples: int) -> list[int]:
+    """The row seeds of N images with K samples each (one request seed or None per image), image-major: image i
+    owns rows i*K .. i*K + K - 1."""
+    return [s for seed in seeds for s in row_seeds(seed, samples)]
+
+
+def mean_over_samples(row_probs: np.ndarray, samples: int) -> np.ndarray:
+    """Image-major row probabilities (N*K, C) -> each image's mean over its K samples (N, C)."""
+    return np.asarray(row_probs, dtype=np.float64).reshape(-1, samples, row_probs.shape[-1]).mean(1)
 
 
 def rows_draws(rt: RTConfig, seeds: Sequence[int]) -> dict[str, np.ndarray]:
@@ -84,30 +96,19 @@ class Engine:
     def classify(self, images: np.ndarray, samples: int = 1, seeds: Sequence[int | None] | None = None) -> np.ndarray:
         """In-process classification as the service does it: uint8 (N, S, S, 3) -> mean class probabilities (N, C)."""
         seeds = seeds if seeds is not None else [None] * len(images)
-        rs = [s for seed in seeds for s in row_seeds(seed, samples)]
-        probs, _ = self.predict_rows(np.repeat(images, samples, axis=0), rs)
-        return probs.reshape(len(images), samples, -1).mean(1)
+        probs, _ = self.predict_rows(np.repeat(images, samples, axis=0), images_row_seeds(seeds, samples))
+        return mean_over_samples(probs, samples)
 
     def describe(self) -> dict:
-        return {"backend": self.backend, "providers": list(self.providers)}
+        return {"backend": self.backend, "providers": list(self.providers), "versions": {}}
 
 
 class OnnxEngine(Engine):
     backend = "onnxruntime"
 
     def __init__(self, folder: Path, card: dict, rt: RTConfig, threads: int = 0, providers: Sequence[str] = ()):
-        import onnxruntime as ort
-
         super().__init__(folder, card, rt)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(0, threads)
-        opts.inter_op_num_threads = 1
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle workers sleep, not spin
-        providers = choose_providers(providers)
-        try:
-            self.session = ort.InferenceSession(str(folder / ONNX_FILE), opts, providers=providers)
-        except Exception as e:  # noqa: BLE001  (onnxruntime raises its own untyped errors for bad files)
-            raise ModelError(f"cannot load {folder / ONNX_FILE}: {e}") from None
+        self.session = make_session(folder / ONNX_FILE, threads, providers)
         self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
 
@@ -118,7 +119,7 @@ class OnnxEngine(Engine):
     def describe(self) -> dict:
         import onnxruntime as ort
 
-        return {**super().describe(), "onnxruntime": ort.__version__}
+        return {**super().describe(), "versions": {"onnxruntime": ort.__version__}}
 
 
 class TorchEngine(Engine):
@@ -152,7 +153,24 @@ class TorchEngine(Engine):
     def describe(self) -> dict:
         import torch
 
-        return {**super().describe(), "torch": torch.__version__}
+        return {**super().describe(), "versions": {"torch": torch.__version__}}
+
+
+def make_session(path: Path, threads: int = 0, providers: Sequence[str] = ()):
+    """An ONNX Runtime session as the service runs one: ``threads`` intra-op threads (0: one per core) that sleep
+    when idle instead of spinning, full graph optimisation, providers from ``choose_providers``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(0, threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    chosen = choose_providers(providers)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=chosen)
+    except Exception as e:  # noqa: BLE001  (onnxruntime raises its own untyped errors for bad files)
+        raise ModelError(f"cannot load {path}: {e}") from None
 
 
 def choose_providers(requested: Sequence[str] = ()) -> list[str]:
@@ -168,13 +186,21 @@ def choose_providers(requested: Sequence[str] = ()) -> list[str]:
     return [p for p in AUTO_PROVIDERS if p in available]
 
 
+def read_serving_card(folder: Path) -> tuple[dict, RTConfig]:
+    """A servable folder's card and RT config (ModelError if the folder holds no purifier)."""
+    card = read_card(folder)
+    if "rt" not in card.get("purifier", {}):
+        raise ModelError(f"model folder {folder} holds no purifier: the service serves f(g(RT(x))) only")
+    try:
+        return card, RTConfig.from_dict(card["purifier"]["rt"])
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"model card in {folder} has a bad RT config: {e}") from None
+
+
 def load_engine(folder: Path, threads: int = 0, providers: Sequence[str] = ()) -> Engine:
     """The engine for a serving folder: its ONNX graph, or the eager fallback when the graph is absent."""
     folder = Path(folder)
-    card = read_card(folder)
-    if "purifier" not in card or "rt" not in card["purifier"]:
-        raise ModelError(f"model folder {folder} holds no purifier: the service serves f(g(RT(x))) only")
-    rt = RTConfig.from_dict(card["purifier"]["rt"])
+    card, rt = read_serving_card(folder)
     if (folder / ONNX_FILE).exists():
         engine: Engine = OnnxEngine(folder, card, rt, threads, providers)
     else:

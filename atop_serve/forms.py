@@ -10,21 +10,21 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 from pathlib import Path
-from typing import ClassVar, Literal, Optional
+from typing import ClassVar, Optional
 
 import bentoml
 from bentoml.exceptions import BadInput
 from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from .engine import VIEWS
+from .engine import VIEWS, View
 from . import settings
 
 SETTINGS = settings.load()
 MAX_SEED = 2**63 - 1
 
-SamplesField = Field(1, ge=1, le=SETTINGS.max_samples,
-                     description=f"K purifications averaged (1..{SETTINGS.max_samples}); more is steadier, K times slower.")
+SamplesField = Field(1, ge=1, le=SETTINGS.max_samples, description=(
+    f"K purifications averaged (1..{SETTINGS.max_samples}): steadier, K times the compute."))
 SeedField = Field(None, ge=0, le=MAX_SEED,
                   description="Reproducible RT draws; refused (400) unless the server sets ATOP_ALLOW_SEED=1.")
 
@@ -49,10 +49,9 @@ class FormInput(bentoml.IODescriptor):
         try:
             form = await request.form()
         except Exception as e:  # noqa: BLE001  (starlette raises several types for a malformed body)
-            raise Rejected(f"malformed multipart/form-data body: {getattr(e, 'detail', None) or e}; {cls.usage}") from None
-        data: dict = {}
-        for key in dict.fromkeys(form.keys()):
-            data[key] = cls._field(key, form.getlist(key))
+            reason = getattr(e, "detail", None) or e
+            raise Rejected(f"malformed multipart/form-data body: {reason}; {cls.usage}") from None
+        data = {key: cls._field(key, form.getlist(key)) for key in dict.fromkeys(form.keys())}
         missing = [k for k in cls.multipart_fields if k not in data]
         if missing:
             raise Rejected(f"missing file field {missing[0]!r}; {cls.usage}")
@@ -113,6 +112,6 @@ class PurifyInput(FormInput):
     usage: ClassVar[str] = (f"fields: image (one file, required), view ({', '.join(VIEWS)}; default purified), "
                             "seed (int, only where the server allows it)")
     image: Path = Field(description="The image: PNG, JPEG, WebP, BMP, GIF (first frame) or TIFF, any size.")
-    view: Literal["purified", "transformed", "mask"] = Field(
+    view: View = Field(
         "purified", description="purified: g(RT(x)); transformed: RT(x), the purifier's input; mask: RT's mask.")
     seed: Optional[int] = SeedField

@@ -13,15 +13,17 @@ not reachable on the public port. Settings: atop_serve/settings.py (``ATOP_*`` e
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import anyio
 import anyio.to_thread
 import bentoml
 import numpy as np
+import PIL
 from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
@@ -30,15 +32,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from . import __version__, settings
-from .config import RTConfig
-from .engine import load_engine, row_seeds
-from .errors import ImageError, ModelError
+from .engine import View, images_row_seeds, load_engine, mean_over_samples, read_serving_card, row_seeds
+from .errors import ImageError
 from .forms import BatchInput, ClassifyInput, PurifyInput, Rejected
 from .imageio import FORMAT_NAMES, REDUCING_GAP, RESAMPLE, decode
 from .middleware import BodyLimit, ErrorBody
-from .modelio import read_card
 
 SETTINGS = settings.load()
+MODEL_FOLDER, MODEL_TAG = settings.resolve_model(SETTINGS.model)  # at import: `bentoml serve` fails fast, clearly
+MODEL_CARD, MODEL_RT = read_serving_card(MODEL_FOLDER)
+MODEL_LABEL = MODEL_TAG or MODEL_CARD.get("name") or MODEL_FOLDER.name  # the "model" of every answer
 DECODE_THREADS = 2  # images decoded at once: bounds the memory of large uploads
 log = logging.getLogger("bentoml.atop")
 
@@ -48,7 +51,7 @@ class Row(BaseModel):
 
     pixels: bytes = Field(description="uint8 RGB image, size x size x 3, row-major")
     seed: int = Field(ge=0, description="the row's RT draws: draw_rt_inputs_numpy(rt, 1, 1, default_rng(seed))")
-    view: Optional[Literal["purified", "transformed", "mask"]] = Field(None, description="an output image to return")
+    view: Optional[View] = Field(None, description="an output image to return")
 
 
 class RowResult(BaseModel):
@@ -64,35 +67,44 @@ class Classification(BaseModel):
     model: str = Field(description="The model that answered.")
 
 
-@bentoml.service(name="atop-model", workers=1, threads=1, traffic={"timeout": 120})
+# runner_connection: BentoML 1.4.3x's client for this dependency closes its HTTP session every 100 requests or
+# 300 s, failing the requests still in flight on it (500 "Server disconnected", or a hang); never refresh it.
+NO_SESSION_REFRESH = {"max_requests": 2**62, "max_age": 10.0**12}
+
+
+@bentoml.service(name="atop-model", workers=1, threads=1, traffic={"timeout": 120},
+                 runner_connection=NO_SESSION_REFRESH)
 class AtopModel:
     """Internal: the batched model call every public endpoint feeds."""
 
-    if SETTINGS.model_tag:  # a store model is packed into the Bento by `bentoml build`
-        stored_model = bentoml.models.BentoModel(SETTINGS.model_tag)
+    if MODEL_TAG:  # a store model is packed into the Bento by `bentoml build`
+        stored_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
         start = time.perf_counter()
-        folder, tag = settings.resolve_model(SETTINGS.model)
-        self.engine = load_engine(folder, SETTINGS.ort_threads, SETTINGS.providers)
+        self.engine = load_engine(MODEL_FOLDER, SETTINGS.ort_threads, SETTINGS.providers)
         self.size = self.engine.rt.image_size
         log.info("atop model %s (%s) | backend %s | providers %s | RT %s | %d classes | loaded in %.1f s",
-                 tag or self.engine.card.get("name", folder.name), folder, self.engine.backend,
-                 ",".join(self.engine.providers), self.engine.rt.kind, len(self.engine.classes),
-                 time.perf_counter() - start)
+                 MODEL_LABEL, MODEL_FOLDER, self.engine.backend, ",".join(self.engine.providers),
+                 self.engine.rt.kind, len(self.engine.classes), time.perf_counter() - start)
 
     @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
     def infer(self, rows: list[Row]) -> list[RowResult]:
         images = np.stack([np.frombuffer(r.pixels, np.uint8).reshape(self.size, self.size, 3) for r in rows])
         probs, pictures = self.engine.predict_rows(images, [r.seed for r in rows], [r.view for r in rows])
-        return [RowResult(probs=p.tolist(), picture=None if q is None else q.tobytes()) for p, q in zip(probs, pictures)]
+        return [RowResult(probs=p.tolist(), picture=None if q is None else q.tobytes())
+                for p, q in zip(probs, pictures)]
 
     @bentoml.api
     def engine_info(self) -> dict:
         return self.engine.describe()
 
 
-metadata_app = Starlette()
+async def _get_metadata(request: Request) -> JSONResponse:
+    return JSONResponse(await bentoml.get_current_service().describe())
+
+
+metadata_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"])])  # GET beside the POST api
 
 
 @bentoml.asgi_app(metadata_app, path="/")
@@ -103,13 +115,8 @@ class AtopService:
     model = bentoml.depends(AtopModel)
 
     def __init__(self) -> None:
-        folder, tag = settings.resolve_model(SETTINGS.model)
-        self.card = read_card(folder)
-        if "rt" not in self.card.get("purifier", {}):
-            raise ModelError(f"model folder {folder} holds no purifier: the service serves f(g(RT(x))) only")
-        self.classes = list(self.card["classes"])
-        self.size = RTConfig.from_dict(self.card["purifier"]["rt"]).image_size
-        self.label = tag or self.card.get("name") or folder.name
+        self.card, self.classes, self.label = MODEL_CARD, MODEL_CARD["classes"], MODEL_LABEL
+        self.size = MODEL_RT.image_size
         self._decoding: anyio.CapacityLimiter | None = None
         self._engine_info: dict | None = None
         log.info("atop service: model %s | seeds %s | limits: %d samples, %d images, %d bytes, %d pixels",
@@ -125,18 +132,24 @@ class AtopService:
         return self._classification(probs, samples)
 
     @bentoml.api(route="/classify_batch", input_spec=BatchInput)
-    async def classify_batch(self, images: list[Path], samples: int = 1, seed: Optional[int] = None) -> list[Classification]:
+    async def classify_batch(self, images: list[Path], samples: int = 1,
+                             seed: Optional[int] = None) -> list[Classification]:
         """Classify several images (repeat the `images` field); the answers come in the order of the files."""
         self._check_seed(seed)
-        pixels = [await self._decode(p, f"image {i + 1} of {len(images)}: ") for i, p in enumerate(images)]
+        decoded = await asyncio.gather(*(self._decode(p, f"image {i + 1} of {len(images)}: ")
+                                         for i, p in enumerate(images)), return_exceptions=True)
+        for d in decoded:  # the first bad file, in upload order
+            if isinstance(d, BaseException):
+                raise d
+        pixels = list(decoded)
         return [self._classification(p, samples) for p in await self._probs(pixels, samples, seed)]
 
     @bentoml.api(route="/purify", input_spec=PurifyInput)
-    async def purify(self, image: Path, view: str = "purified", seed: Optional[int] = None) -> Image.Image:
+    async def purify(self, image: Path, view: View = "purified", seed: Optional[int] = None) -> Image.Image:
         """The purified 32x32 image g(RT(x)) as PNG; view=transformed gives RT(x), view=mask the RT mask."""
         self._check_seed(seed)
-        [result] = await self.model.to_async.infer([Row(pixels=await self._decode(image), seed=row_seeds(seed, 1)[0],
-                                                        view=view)])
+        pixels = await self._decode(image)
+        [result] = await self.model.to_async.infer([Row(pixels=pixels, seed=row_seeds(seed, 1)[0], view=view)])
         return Image.fromarray(np.frombuffer(result.picture, np.uint8).reshape(self.size, self.size, 3))
 
     @bentoml.api(route="/metadata")
@@ -148,14 +161,11 @@ class AtopService:
     async def describe(self) -> dict:
         if self._engine_info is None:
             self._engine_info = await self.model.to_async.engine_info()
-        import PIL
-
+        engine = self._engine_info
         return {**self.card, "serving": {
-            "model": self.label,
-            **self._engine_info,
+            "model": self.label, "backend": engine["backend"], "providers": engine["providers"],
             "versions": {"atop_serve": __version__, "bentoml": bentoml.__version__, "numpy": np.__version__,
-                         "pillow": PIL.__version__, **{k: v for k, v in self._engine_info.items()
-                                                       if k in ("onnxruntime", "torch")}},
+                         "pillow": PIL.__version__, **engine["versions"]},
             "input": {"formats": FORMAT_NAMES, "size": [self.size, self.size],
                       "resize": f"whole image, no crop, {RESAMPLE.name.lower()} antialiased, "
                                 f"reducing_gap={REDUCING_GAP}",
@@ -185,19 +195,15 @@ class AtopService:
 
     async def _probs(self, pixels: list[bytes], samples: int, seed: int | None) -> list[np.ndarray]:
         """Mean class probabilities of each image over `samples` purifications, each with its own draws."""
-        rows = [Row(pixels=p, seed=s) for p in pixels for s in row_seeds(seed, samples)]
+        seeds = images_row_seeds([seed] * len(pixels), samples)
+        rows = [Row(pixels=pixels[i // samples], seed=s) for i, s in enumerate(seeds)]
         results = await self.model.to_async.infer(rows)
-        probs = np.array([r.probs for r in results], dtype=np.float64).reshape(len(pixels), samples, -1)
-        return list(probs.mean(1))
+        return list(mean_over_samples(np.array([r.probs for r in results]), samples))
 
     def _classification(self, probs: np.ndarray, samples: int) -> Classification:
         best = int(np.argmax(probs))
         return Classification(label=self.classes[best], class_id=best, samples=samples, model=self.label,
                               probabilities={c: round(float(p), 6) for c, p in zip(self.classes, probs)})
-
-
-async def _get_metadata(request: Request) -> JSONResponse:
-    return JSONResponse(await bentoml.get_current_service().describe())
 
 
 class _RejectedAsInfo(logging.Filter):
@@ -212,6 +218,5 @@ class _RejectedAsInfo(logging.Filter):
 
 
 logging.getLogger("bentoml._internal.server.http_app").addFilter(_RejectedAsInfo())
-metadata_app.add_route("/metadata", _get_metadata, methods=["GET"])
 AtopService.add_asgi_middleware(ErrorBody)
 AtopService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_request_bytes)

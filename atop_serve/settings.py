@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import ModelError
+from .errors import AtopError, ModelError
 from .imageio import DEFAULT_MAX_PIXELS
 
 _TAG = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -32,14 +32,14 @@ _TAG = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 @dataclass(frozen=True)
 class Settings:
-    model: str = ""                          # "" = the shipped default folder
-    allow_seed: bool = False
-    max_samples: int = 8
-    max_images: int = 64
-    max_request_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    model: str = ""                          # folder or store tag; "" = the shipped default folder
+    allow_seed: bool = False                 # accept the `seed` field (reproducible draws)
+    max_samples: int = 8                     # purifications one image may ask for
+    max_images: int = 64                     # files in one /classify_batch
+    max_request_bytes: int = 10 * 1024 * 1024  # request body, bytes
+    max_pixels: int = DEFAULT_MAX_PIXELS     # decoded image, width x height
     max_batch_size: int = 64                 # rows (image x sample) per model call
-    max_latency_ms: int = 5000
+    max_latency_ms: int = 5000               # batching queue deadline, ms (503 beyond)
     ort_threads: int = 2                     # a 2-core machine: the model worker uses both for one batch
     providers: tuple[str, ...] = ()          # () = automatic (CUDA if present, then CPU)
 
@@ -64,19 +64,15 @@ class Settings:
                 else:
                     kw[f.name] = raw
             except ValueError:
-                raise ModelError(f"ATOP_{f.name.upper()}={raw!r} is not a valid {f.type}") from None
+                raise AtopError(f"ATOP_{f.name.upper()}={raw!r} is not a valid {f.type}") from None
         s = cls(**kw)
-        for name in ("max_samples", "max_images", "max_request_bytes", "max_pixels", "max_batch_size", "max_latency_ms"):
+        positive = ("max_samples", "max_images", "max_request_bytes", "max_pixels", "max_batch_size", "max_latency_ms")
+        for name in positive:
             if getattr(s, name) < 1:
-                raise ModelError(f"ATOP_{name.upper()} must be >= 1, got {getattr(s, name)}")
+                raise AtopError(f"ATOP_{name.upper()} must be >= 1, got {getattr(s, name)}")
         if s.max_batch_size < 2:
-            raise ModelError("ATOP_MAX_BATCH_SIZE must be >= 2 (BentoML batching)")
+            raise AtopError("ATOP_MAX_BATCH_SIZE must be >= 2 (BentoML batching)")
         return s
-
-    @property
-    def model_tag(self) -> str | None:
-        """The BentoML model store tag ATOP_MODEL names, or None when it names a folder (or nothing)."""
-        return model_tag(self.model)
 
 
 @functools.lru_cache(maxsize=1)
@@ -86,6 +82,7 @@ def load() -> Settings:
 
 
 def model_tag(spec: str) -> str | None:
+    """The BentoML model store tag ATOP_MODEL names, or None when it names a folder (or nothing)."""
     if not spec or spec == "default" or Path(spec).exists() or not _TAG.match(spec):
         return None
     return spec
@@ -97,7 +94,11 @@ def resolve_model(spec: str) -> tuple[Path, str | None]:
 
     tag = model_tag(spec)
     if tag is None:
-        return resolve(spec or None), None
+        try:
+            return resolve(spec or None), None
+        except ModelError as e:
+            raise ModelError(f"{e}: set ATOP_MODEL to a serving folder or a BentoML model store tag"
+                             + ("" if spec else ", or ship the default folder (atop export)")) from None
     import bentoml
     from bentoml.exceptions import NotFound
 

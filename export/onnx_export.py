@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from atop_serve import engine
+from atop_serve.engine import feed_for  # noqa: F401  (one definition, shared with the service)
 from atop_serve.config import RTConfig, draw_rt_inputs_numpy
 from atop_serve.pipeline import PipelineGraph, PurifiedClassifier
 
@@ -49,13 +51,6 @@ def export_onnx(pipeline: PurifiedClassifier, out: str | Path, opset: int = OPSE
     return out
 
 
-def feed_for(session_inputs, images: np.ndarray, draws: dict) -> dict:
-    """The feed dict for an ONNX Runtime session: images plus the draws the graph uses."""
-    feed = {"images": images}
-    feed.update({i: draws[i] for i in session_inputs if i != "images"})
-    return feed
-
-
 def compare(pipeline: PurifiedClassifier, session, images: np.ndarray, k: int = 1, seed: int = 0) -> dict:
     """Run eager PyTorch and the ONNX session on identical draws; max abs logit diff and top-1 agreement."""
     from .verify import compare_logits, draws, eager_logits, session_logits
@@ -66,14 +61,15 @@ def compare(pipeline: PurifiedClassifier, session, images: np.ndarray, k: int = 
 
 
 def make_session(path, providers=("CPUExecutionProvider",), threads: int = 0, optimize: bool = True):
-    """An ONNX Runtime session (default CPU, all cores, full online graph optimisation: what serving uses)."""
+    """The serving session (``atop_serve.engine.make_session``); ``optimize=False`` reads the graph as saved."""
+    if optimize:
+        return engine.make_session(Path(path), threads, providers)
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
-    if not optimize:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), so, providers=list(providers))
 
 

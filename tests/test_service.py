@@ -30,7 +30,7 @@ from PIL import Image
 from atop_serve import modelio
 from atop_serve.config import RTConfig, draw_rt_inputs_numpy
 from atop_serve.engine import OnnxEngine, TorchEngine, load_engine, request_draws, row_seeds
-from atop_serve.errors import ModelError
+from atop_serve.errors import AtopError, ModelError
 from atop_serve.settings import Settings, model_tag
 
 from tests.conftest import DATA_ROOT, make_model_folder, needs_data
@@ -324,7 +324,7 @@ def test_accuracy_equals_offline_graph(server, det_folder):
     labels = np.array([c for _, c in files])
 
     def ask(path: Path) -> int:
-        r = httpx.post(server.url + "/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")}, timeout=60)
+        r = server.post("/classify", files={"image": (path.name, path.read_bytes(), "image/jpeg")})
         assert r.status_code == 200, r.text
         return r.json()["class_id"]
 
@@ -384,16 +384,46 @@ def test_engine_refuses_unservable_folders(rt_folder, tmp_path):
     modelio.write_card(clf_only, card)
     with pytest.raises(ModelError, match="no purifier"):
         load_engine(clf_only)
+    broken = shutil.copytree(rt_folder, tmp_path / "broken")
+    (broken / modelio.ONNX_FILE).write_bytes(b"not a graph")
+    with pytest.raises(ModelError, match="cannot load"):
+        load_engine(broken)
+    with pytest.raises(ModelError, match="unavailable providers"):
+        load_engine(rt_folder, providers=("NoSuchExecutionProvider",))
+
+
+def test_serving_needs_no_torch(det_folder, tmp_path):
+    """The service module and the ONNX engine import and run with torch unimportable; without the graph and
+    without torch the engine refuses with a clear message."""
+    no_graph = shutil.copytree(det_folder, tmp_path / "nograph", ignore=shutil.ignore_patterns(modelio.ONNX_FILE))
+    script = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # import torch now raises ImportError\n"
+        "import atop_serve.service\n"
+        "from atop_serve.engine import load_engine\n"
+        "from atop_serve.errors import ModelError\n"
+        "print(load_engine(sys.argv[1], threads=1).backend)\n"
+        "try:\n"
+        "    load_engine(sys.argv[2])\n"
+        "except ModelError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "ATOP_MODEL": str(det_folder), "BENTOML_HOME": str(tmp_path / "home")}
+    out = subprocess.run([sys.executable, "-c", script, str(det_folder), str(no_graph)], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    backend, refusal = out.stdout.strip().splitlines()
+    assert backend == "onnxruntime" and "atop export" in refusal and "torch" in refusal
 
 
 # ------------------------------------------------------------------------------------------ in process: settings
 def test_settings_from_env():
     s = Settings.from_env({})
-    assert (s.allow_seed, s.max_batch_size, s.model_tag) == (False, 64, None)
+    assert (s.model, s.allow_seed, s.max_batch_size, s.max_latency_ms) == ("", False, 64, 5000)
     s = Settings.from_env({"ATOP_ALLOW_SEED": "1", "ATOP_MAX_SAMPLES": "16", "ATOP_PROVIDERS": "CPUExecutionProvider"})
     assert s.allow_seed and s.max_samples == 16 and s.providers == ("CPUExecutionProvider",)
     for bad in ({"ATOP_MAX_SAMPLES": "lots"}, {"ATOP_ALLOW_SEED": "maybe"}, {"ATOP_MAX_IMAGES": "0"}):
-        with pytest.raises(ModelError, match="ATOP_"):
+        with pytest.raises(AtopError, match="ATOP_"):
             Settings.from_env(bad)
 
 

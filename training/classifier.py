@@ -40,7 +40,7 @@ class ClassifierConfig:
     label_smoothing: float = 0.2
     whiten_bias_epochs: int = 3
     translate: int = 2  # pixels of random translation
-    warmup: float = 0.2  # fraction of steps spent warming up
+    warmup: float = 0.23  # fraction of steps to the learning-rate peak
     lookahead: bool = True
     tta: str = "flip-translate"  # test-time augmentation written into the card
     adversarial: str = "none"  # none | fgsm-rs | pgd
@@ -56,26 +56,31 @@ class ClassifierConfig:
 
 
 def param_groups(model, cfg: ClassifierConfig):
+    """airbench's groups: BatchNorm biases at ``bias_scaler`` x the learning rate (same absolute weight
+    decay), everything else at the base rate. Weight decay is decoupled from the learning rate."""
     kilostep = 1024 * (1 + 1 / (1 - cfg.momentum))
     lr = cfg.lr / kilostep
     wd = cfg.weight_decay * cfg.batch_size / kilostep
     biases = [p for n, p in model.named_parameters() if p.requires_grad and "norm" in n and p.ndim == 1]
-    whiten = [p for n, p in model.named_parameters() if n.startswith("whiten.bias")]
+    whiten = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("whiten.")]
     ids = {id(p) for p in biases + whiten}
     other = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     lr_b = lr * cfg.bias_scaler
     groups = [dict(params=other, lr=lr, weight_decay=wd / lr, name="other"),
               dict(params=biases, lr=lr_b, weight_decay=wd / lr_b, name="bias")]
-    if whiten:
-        groups.append(dict(params=whiten, lr=lr_b, weight_decay=wd / lr_b, name="whiten"))
+    if whiten:  # the whitening bias: base rate, stopped after whiten_bias_epochs (lr 0 keeps DDP's buckets intact)
+        groups.append(dict(params=whiten, lr=lr, weight_decay=wd / lr, name="whiten"))
     for g in groups:
         g["base_lr"] = g["lr"]
     return groups
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:
+    """airbench's triangle: 0.2 -> 1 at ``warmup`` of the steps -> 0.07 at the end."""
     w = max(1, int(warmup * total))
-    return step / w if step < w else max(0.0, (total - step) / (total - w))
+    if step < w:
+        return 0.2 + 0.8 * step / w
+    return 1.0 - 0.93 * (step - w) / max(1, total - w)
 
 
 class Lookahead:
@@ -123,8 +128,9 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
     if cfg.limit:
         train_set = train_set.balanced_subset(min(cfg.limit, len(train_set)), seed=cfg.seed)
     model = create_classifier(cfg.arch, num_classes=len(train_set.classes))
-    if hasattr(model, "init_whiten"):
+    if hasattr(model, "init_whiten"):  # data-initialised, then frozen (its bias trains for whiten_bias_epochs)
         model.init_whiten(train_set.images[:5000].float() / 255)
+        model.whiten.weight.requires_grad_(False)
     model = model.to(rt.device, memory_format=torch.channels_last)
     groups = param_groups(model, cfg)
     opt = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum, nesterov=True)
@@ -149,7 +155,7 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
         t0 = time.perf_counter()
         gen = common.epoch_generator(cfg.seed, epoch)
         perm = torch.randperm(len(train_set), generator=gen)[: steps_per_epoch * cfg.batch_size]
-        if epoch == cfg.whiten_bias_epochs:
+        if epoch >= cfg.whiten_bias_epochs:
             for g in opt.param_groups:
                 if g["name"] == "whiten":
                     g["base_lr"] = 0.0

@@ -1,0 +1,48 @@
+"""Pack a trained model folder for shipping: card + weights only (no checkpoints, grids or logs),
+optionally with the weights stored as float16 (half the size; loading casts them back to float32, and every
+number measured afterwards is measured on the packed weights).
+
+    atop pack --model runs/atop --out atop_serve/models/default --half
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from atop_serve import modelio
+from atop_serve.errors import ModelError
+
+
+def pack(src, out: Path, half: bool = True) -> dict:
+    src = modelio.resolve(src)
+    card = modelio.read_card(src)
+    modelio.load_pipeline(src) if "purifier" in card else modelio.load_classifier(src)  # validate before writing
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for kind in ("classifier", "purifier"):
+            if kind not in card:
+                continue
+            name = card[kind].get("file", f"{kind}.safetensors")
+            state = load_file(str(src / name))
+            if half:
+                state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / name))
+            card[kind]["sha256"] = modelio.sha256(tmp / name)
+            card[kind]["weights_dtype"] = "float16" if half else "float32"
+        card.pop("export", None)  # an export describes files that are not copied: export the packed folder again
+        modelio.write_card(tmp, card)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if "purifier" in card:
+        modelio.load_pipeline(out)
+    return card
