@@ -266,6 +266,49 @@ def pack(
     typer.echo(json.dumps({"out": str(out), "files": sizes, "classes": len(card["classes"])}, indent=1))
 
 
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise AtopError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
+@app.command()
+def bench(
+    model: str = typer.Option("default", "--model", help="Model folder with pipeline.onnx (weights, where present, for the PyTorch backends), or 'default': the shipped one."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Report folder: report.json, report.md, latency_vs_batch.png, throughput_vs_concurrency.png (docs/bench for the published numbers)."),
+    quick: bool = typer.Option(False, "--quick", help="Small sizes and few repeats, under 2 minutes: a smoke run, not numbers to publish."),
+    backends: str = typer.Option("", "--backends", help="Comma-separated subset of torch-fp32, torch-bf16, ort-fp32, ort-opt, ort-cuda-fp32, ort-trt-fp16, torch-trt-fp16 (default: all; those that cannot run here are skipped with the reason)."),
+    batch_sizes: str = typer.Option("", "--batch-sizes", help="Model-level batch sizes (default 1,8,32,128,256; quick 1,32)."),
+    samples: str = typer.Option("", "--samples", help="Purification samples K per image (default 1,4; quick 1)."),
+    concurrency: str = typer.Option("", "--concurrency", help="HTTP concurrency levels (default 1,8,32,128; quick 1,8,32)."),
+    requests: int = typer.Option(0, "--requests", help="Most requests per concurrency level (default 2000; quick 96)."),
+    level_seconds: float = typer.Option(0.0, "--level-seconds", help="Most seconds per concurrency level (default 15; quick 5)."),
+    batching: str = typer.Option("", "--batching", help="ATOP_MAX_BATCH_SIZE values the HTTP runs try, one server each (default 16,64,128; quick: the settings default)."),
+    http: bool = typer.Option(True, "--http/--no-http", help="Also benchmark the live service: bentoml serve on 127.0.0.1, driven by the async load generator."),
+    url: Optional[str] = typer.Option(None, "--url", help="Drive this running server (http://127.0.0.1:<port>) instead of starting one."),
+    threads: int = typer.Option(0, "--threads", help="Model-level CPU threads for PyTorch and ONNX Runtime (0: all cores)."),
+    budget: float = typer.Option(0.0, "--budget", help="Wall-clock budget in seconds (default 840; quick 110); cells past it are skipped and say so."),
+    data: str = DataOpt,
+    seed: int = typer.Option(0, "--seed", help="Seed of the image choice and order."),
+):
+    """Benchmark every backend (bare classifier vs purified pipeline) and the live HTTP service; write JSON, Markdown and plots.
+
+    Model level: p50/p95/p99 latency and images/s per backend, K and batch size on fresh real images, with FLOPs per image, this machine's matmul peak and DiffPure's compute for reference. HTTP level: bentoml serve at each concurrency, requests/s, latency and errors, and the batching settings chosen from the runs. See docs/benchmarks.md.
+    """
+    from training.bench import BenchConfig, run_bench, write_report
+
+    cfg = BenchConfig(model=model, out=out, quick=quick, backends=tuple(b.strip() for b in backends.split(",") if b.strip()),
+                      batch_sizes=_int_list(batch_sizes, "--batch-sizes"), samples=_int_list(samples, "--samples"),
+                      concurrency=_int_list(concurrency, "--concurrency"), requests=requests, level_seconds=level_seconds,
+                      batching=_int_list(batching, "--batching"), http=http, url=url, threads=threads, budget_s=budget,
+                      data=data or None, seed=seed, command=" ".join(["atop", *sys.argv[1:]]))
+    report = run_bench(cfg, log=lambda m: typer.echo(m, err=True))
+    files = write_report(report, out)
+    typer.echo(json.dumps({**files, "wall_seconds": report["wall_seconds"], "busy": report.get("busy"),
+                           "bars": [{k: b[k] for k in ("bar", "value", "passed")} for b in report["bars"]]}, indent=1))
+
+
 def main() -> None:
     try:
         app()

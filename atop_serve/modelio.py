@@ -4,6 +4,8 @@
     <folder>/classifier.safetensors  classifier weights
     <folder>/purifier.safetensors    purifier weights (absent in a classifier-only folder)
     <folder>/pipeline.onnx           the exported graph (``atop export``), plus optional pipeline.opt.onnx
+    <folder>/classifier.onnx         the bare classifier f alone (``atop export``), for the service's attack demo;
+                                     its weights are external data: byte ranges of classifier.safetensors
 
 Weights are only ever read with safetensors: a model folder can never run code through pickle.
 """
@@ -21,6 +23,7 @@ CLASSIFIER_FILE = "classifier.safetensors"
 PURIFIER_FILE = "purifier.safetensors"
 ONNX_FILE = "pipeline.onnx"  # the exported fp32 graph every serving folder holds (see docs/export.md)
 OPT_ONNX_FILE = "pipeline.opt.onnx"  # optional faster CPU variant, shipped only when the card's export section says so
+CLASSIFIER_ONNX_FILE = "classifier.onnx"  # bare classifier f (images -> logits), weights read from CLASSIFIER_FILE
 TRT_FILE = "pipeline.trt.ep"  # optional Torch-TensorRT program (needs torch + torch_tensorrt + a GPU to load)
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "default"
 

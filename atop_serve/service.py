@@ -5,15 +5,19 @@
     ATOP_MODEL=atop-default:latest bentoml serve    # a model from the BentoML model store
 
 Two services run in one server. ``AtopService`` holds the public endpoints (/classify, /classify_batch, /purify,
-/metadata): it reads and checks requests, decodes images and answers. It depends on ``AtopModel``, which
+/inspect, /attack_demo, /metadata) and the web page at / (atop_serve/web.py): it reads and checks requests, decodes
+images and answers. It depends on ``AtopModel``, which
 holds the model and one batchable method: every endpoint turns its images into rows (one image x one
 purification sample, fresh random draws each) and sends them there, and BentoML's adaptive batching merges
 the rows of concurrent requests into one ONNX Runtime call. AtopModel runs in its own worker process and is
-not reachable on the public port. Settings: atop_serve/settings.py (``ATOP_*`` environment variables).
+not reachable on the public port. The attack demo's Square attack runs in the public worker, in a thread, on the
+bare classifier's own small graph (classifier.onnx), one attack at a time. Settings: atop_serve/settings.py
+(``ATOP_*`` environment variables).
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from pathlib import Path
@@ -31,11 +35,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import __version__, settings
+from . import __version__, demo_attack, settings, web
 from .engine import View, images_row_seeds, load_engine, mean_over_samples, read_serving_card, row_seeds
-from .errors import ImageError
+from .errors import ImageError, ModelError
 from .forms import BatchInput, ClassifyInput, PurifyInput, Rejected
-from .imageio import FORMAT_NAMES, REDUCING_GAP, RESAMPLE, decode
+from .imageio import FORMAT_NAMES, REDUCING_GAP, RESAMPLE, decode, encode_png
 from .middleware import BodyLimit, ErrorBody
 
 SETTINGS = settings.load()
@@ -43,6 +47,7 @@ MODEL_FOLDER, MODEL_TAG = settings.resolve_model(SETTINGS.model)  # at import: `
 MODEL_CARD, MODEL_RT = read_serving_card(MODEL_FOLDER)
 MODEL_LABEL = MODEL_TAG or MODEL_CARD.get("name") or MODEL_FOLDER.name  # the "model" of every answer
 DECODE_THREADS = 2  # images decoded at once: bounds the memory of large uploads
+ATTACK_WAITING = 2  # attack demo requests that may wait while one runs; more get 429
 log = logging.getLogger("bentoml.atop")
 
 
@@ -65,6 +70,63 @@ class Classification(BaseModel):
     probabilities: dict[str, float] = Field(description="Class -> probability, averaged over the samples.")
     samples: int = Field(description="Purifications averaged (K).")
     model: str = Field(description="The model that answered.")
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="The predicted class.")
+    class_id: int = Field(description="Its index in the model card's class list.")
+    probabilities: dict[str, float] = Field(description="Class -> probability.")
+
+
+class SampleView(BaseModel):
+    """One purification sample: what RT did, what the purifier made of it, and what the classifier said."""
+
+    transformed: str = Field(description="RT(x), the purifier's input: a 32x32 PNG as a data: URL.")
+    mask: str = Field(description="RT's mask (white = missing pixel): a 32x32 PNG as a data: URL.")
+    purified: str = Field(description="g(RT(x)): a 32x32 PNG as a data: URL.")
+    label: str = Field(description="This sample's predicted class.")
+    probability: float = Field(description="This sample's probability of that class.")
+
+
+class Inspection(Classification):
+    input: str = Field(description="The image as the model sees it (decoded, 32x32): a PNG as a data: URL.")
+    views: list[SampleView] = Field(description="Per purification sample, in order; `probabilities` is their mean.")
+
+
+class AttackInfo(BaseModel):
+    method: str = Field(description="square: Square attack (Andriushchenko et al., 2020), score-based, no gradients.")
+    norm: str = "linf"
+    eps: float = Field(description="The l_inf budget, in [0, 1] pixel units (8/255).")
+    eps_255: int = Field(description="The same budget in 8-bit steps.")
+    linf_255: int = Field(description="The largest pixel change made, in 8-bit steps (<= eps_255).")
+    queries: int = Field(description="Calls of the bare classifier.")
+    max_queries: int
+    seconds: float = Field(description="Time the attack ran.")
+    time_limit_s: float
+    stopped: str = Field(description="fooled (the bare classifier's label changed), time or queries (budget spent).")
+
+
+class AttackPair(BaseModel):
+    clean: Prediction
+    adversarial: Prediction
+
+
+class AttackImages(BaseModel):
+    input: str = Field(description="The image as the model sees it (32x32 PNG, data: URL).")
+    adversarial: str = Field(description="The adversarial image (32x32 PNG, data: URL): an exact 8-bit image.")
+    perturbation: str = Field(description="adversarial - input, magnified: grey = unchanged, black/white = -/+eps.")
+
+
+class AttackDemo(BaseModel):
+    bare: AttackPair = Field(description="The bare classifier f (no purification) on the clean and adversarial image.")
+    purified: AttackPair = Field(description="The defended pipeline f(g(RT(x))) on the same two images.")
+    samples: int = Field(description="Purifications averaged for the purified predictions (K).")
+    fooled: bool = Field(description="The bare classifier's label changed.")
+    defended: bool = Field(description="The purified label on the adversarial image is the bare classifier's clean "
+                                       "label (the label the attack moved f away from).")
+    attack: AttackInfo
+    images: AttackImages
+    model: str
 
 
 # runner_connection: BentoML 1.4.3x's client for this dependency closes its HTTP session every 100 requests or
@@ -104,10 +166,11 @@ async def _get_metadata(request: Request) -> JSONResponse:
     return JSONResponse(await bentoml.get_current_service().describe())
 
 
-metadata_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"])])  # GET beside the POST api
+# GET /metadata beside the POST api, and the web page (/, /static, /samples, /docs; see atop_serve/web.py)
+web_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]), *web.routes()])
 
 
-@bentoml.asgi_app(metadata_app, path="/")
+@bentoml.asgi_app(web_app, path="/")
 @bentoml.service(name="atop", workers=1, traffic={"timeout": 120, "max_concurrency": 256})
 class AtopService:
     """Adversarially robust CIFAR-10 classification: purify g(RT(x)), then classify f."""
@@ -118,10 +181,20 @@ class AtopService:
         self.card, self.classes, self.label = MODEL_CARD, MODEL_CARD["classes"], MODEL_LABEL
         self.size = MODEL_RT.image_size
         self._decoding: anyio.CapacityLimiter | None = None
+        self._attacking: anyio.CapacityLimiter | None = None
+        self._attacks_waiting = 0
         self._engine_info: dict | None = None
-        log.info("atop service: model %s | seeds %s | limits: %d samples, %d images, %d bytes, %d pixels",
-                 self.label, "allowed" if SETTINGS.allow_seed else "refused", SETTINGS.max_samples,
-                 SETTINGS.max_images, SETTINGS.max_request_bytes, SETTINGS.max_pixels)
+        self.bare: demo_attack.BareClassifier | None = None
+        self.bare_missing = ""  # why the attack demo is unavailable
+        try:
+            self.bare = demo_attack.BareClassifier(MODEL_FOLDER, self.card, SETTINGS.ort_threads, SETTINGS.providers)
+        except ModelError as e:
+            self.bare_missing = str(e)
+        log.info("atop service: model %s | seeds %s | limits: %d samples, %d images, %d bytes, %d pixels | attack demo "
+                 "%s", self.label, "allowed" if SETTINGS.allow_seed else "refused", SETTINGS.max_samples,
+                 SETTINGS.max_images, SETTINGS.max_request_bytes, SETTINGS.max_pixels,
+                 f"on ({SETTINGS.attack_seconds:g} s, {SETTINGS.attack_queries} queries)" if self.bare
+                 else f"off: {self.bare_missing}")
 
     # ------------------------------------------------------------------ endpoints
     @bentoml.api(route="/classify", input_spec=ClassifyInput)
@@ -152,6 +225,55 @@ class AtopService:
         [result] = await self.model.to_async.infer([Row(pixels=pixels, seed=row_seeds(seed, 1)[0], view=view)])
         return Image.fromarray(np.frombuffer(result.picture, np.uint8).reshape(self.size, self.size, 3))
 
+    @bentoml.api(route="/inspect", input_spec=ClassifyInput)
+    async def inspect(self, image: Path, samples: int = 1, seed: Optional[int] = None) -> Inspection:
+        """/classify plus the pictures of the defence (what the web page shows): the 32x32 input and, per
+        purification sample, RT(x), its mask, g(RT(x)) and that sample's prediction."""
+        self._check_seed(seed)
+        pixels = await self._decode(image)
+        seeds = row_seeds(seed, samples)  # the three views of a sample share its seed, hence its draws
+        rows = [Row(pixels=pixels, seed=s, view=v) for s in seeds for v in ("transformed", "mask", "purified")]
+        results = await self.model.to_async.infer(rows)
+        views, probs = [], []
+        for i in range(samples):
+            transformed, mask, purified = results[3 * i : 3 * i + 3]
+            p = np.asarray(purified.probs)
+            probs.append(p)
+            views.append(SampleView(transformed=self._png_url(transformed.picture), mask=self._png_url(mask.picture),
+                                    purified=self._png_url(purified.picture), label=self.classes[int(p.argmax())],
+                                    probability=round(float(p.max()), 6)))
+        answer = self._classification(mean_over_samples(np.array(probs), samples)[0], samples)
+        return Inspection(**answer.model_dump(), input=self._png_url(pixels), views=views)
+
+    @bentoml.api(route="/attack_demo", input_spec=ClassifyInput)
+    async def attack_demo(self, image: Path, samples: int = 1, seed: Optional[int] = None) -> AttackDemo:
+        """Attack demo: a Square attack (l_inf 8/255, black box, bounded in time and queries) on the bare classifier f,
+        then f and the purified pipeline on the clean and the adversarial image (fooled? defended?)."""
+        self._check_seed(seed)
+        if self.bare is None:
+            raise Rejected(f"the attack demo is not available on this server: {self.bare_missing}", 404)
+        pixels = await self._decode(image)
+        clean_logits, result = await self._attack(np.frombuffer(pixels, np.uint8).reshape(self.size, self.size, 3),
+                                                  seed)
+        adversarial = result.adversarial.tobytes()
+        clean_probs, adv_probs = await self._probs([pixels, adversarial], samples, seed)
+        x = np.frombuffer(pixels, np.uint8).reshape(result.adversarial.shape)
+        bare = AttackPair(clean=self._prediction(demo_attack.softmax(clean_logits)),
+                          adversarial=self._prediction(demo_attack.softmax(result.logits)))
+        purified = AttackPair(clean=self._prediction(clean_probs), adversarial=self._prediction(adv_probs))
+        eps = demo_attack.EPS_255
+        return AttackDemo(
+            bare=bare, purified=purified, samples=samples, model=self.label,
+            fooled=bare.adversarial.class_id != bare.clean.class_id,
+            defended=purified.adversarial.class_id == bare.clean.class_id,
+            attack=AttackInfo(method="square", eps=round(eps / 255, 6), eps_255=eps,
+                              linf_255=int(np.abs(result.adversarial.astype(np.int16) - x).max()),
+                              queries=result.queries, max_queries=SETTINGS.attack_queries,
+                              seconds=round(result.seconds, 3), time_limit_s=SETTINGS.attack_seconds,
+                              stopped=result.stopped),
+            images=AttackImages(input=self._png_url(pixels), adversarial=self._png_url(adversarial),
+                                perturbation=self._png_url(demo_attack.perturbation_picture(x, result.adversarial).tobytes())))
+
     @bentoml.api(route="/metadata")
     async def metadata(self) -> dict:
         """The model card (classes, RT config, provenance, measured metrics) and the serving setup and versions."""
@@ -174,6 +296,10 @@ class AtopService:
                        "max_request_bytes": SETTINGS.max_request_bytes, "max_pixels": SETTINGS.max_pixels},
             "batching": {"max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms},
             "seed_allowed": SETTINGS.allow_seed,
+            "attack_demo": {"available": self.bare is not None, **({"reason": self.bare_missing} if self.bare is None
+                                                                   else {}),
+                            "method": "square", "norm": "linf", "eps_255": demo_attack.EPS_255,
+                            "max_queries": SETTINGS.attack_queries, "time_limit_s": SETTINGS.attack_seconds},
         }}
 
     def _check_seed(self, seed: int | None) -> None:
@@ -199,6 +325,43 @@ class AtopService:
         rows = [Row(pixels=pixels[i // samples], seed=s) for i, s in enumerate(seeds)]
         results = await self.model.to_async.infer(rows)
         return list(mean_over_samples(np.array([r.probs for r in results]), samples))
+
+    async def _attack(self, image: np.ndarray, seed: int | None) -> tuple[np.ndarray, demo_attack.AttackResult]:
+        """The bare classifier's clean logits and one Square attack on it, in a thread, one attack at a time (it keeps
+        a core busy for up to ATOP_ATTACK_SECONDS); ATTACK_WAITING requests may wait for their turn, more get 429."""
+        if self._attacking is None:
+            self._attacking = anyio.CapacityLimiter(1)
+        if self._attacking.borrowed_tokens and self._attacks_waiting >= ATTACK_WAITING:
+            raise Rejected(f"the attack demo is busy ({1 + self._attacks_waiting} attacks running or waiting, each up "
+                           f"to {SETTINGS.attack_seconds:g} s): try again in a few seconds", 429)
+        bare = self.bare
+        assert bare is not None
+
+        def work() -> tuple[np.ndarray, demo_attack.AttackResult]:
+            rng = np.random.default_rng(None if seed is None else [seed, 1])  # a stream apart from the RT draws'
+            clean = bare.logits(image[None])[0]
+            return clean, demo_attack.square_attack(bare.logits, image, int(clean.argmax()), demo_attack.EPS_255,
+                                                    SETTINGS.attack_queries, SETTINGS.attack_seconds, rng)
+
+        self._attacks_waiting += 1
+        waiting = True
+        try:
+            async with self._attacking:
+                self._attacks_waiting, waiting = self._attacks_waiting - 1, False
+                return await anyio.to_thread.run_sync(work)
+        finally:
+            if waiting:  # cancelled while waiting for its turn
+                self._attacks_waiting -= 1
+
+    def _png_url(self, pixels: bytes | None) -> str:
+        """uint8 RGB bytes (size x size x 3) -> a PNG data: URL."""
+        a = np.frombuffer(pixels or b"", np.uint8).reshape(self.size, self.size, 3)
+        return "data:image/png;base64," + base64.b64encode(encode_png(a)).decode("ascii")
+
+    def _prediction(self, probs: np.ndarray) -> Prediction:
+        best = int(np.argmax(probs))
+        return Prediction(label=self.classes[best], class_id=best,
+                          probabilities={c: round(float(p), 6) for c, p in zip(self.classes, probs)})
 
     def _classification(self, probs: np.ndarray, samples: int) -> Classification:
         best = int(np.argmax(probs))

@@ -12,6 +12,8 @@
     ATOP_MAX_LATENCY_MS      adaptive batching: BentoML's queueing deadline; a request still queued after it gets
                              503, so keep it above the time of the largest request (max images x max samples rows)
     ATOP_ORT_THREADS         ONNX Runtime intra-op threads (0: ONNX Runtime's default, one per core)
+    ATOP_ATTACK_SECONDS      the attack demo (POST /attack_demo): time limit of one attack, seconds (0 < s <= 30)
+    ATOP_ATTACK_QUERIES      the attack demo: most queries (classifier calls) of one attack
     ATOP_PROVIDERS           comma-separated ONNX Runtime execution providers, in order of preference; default:
                              CUDA when present, then CPU (TensorRT only when named here: it builds an engine per
                              new input shape, slow with adaptive batching unless its engine cache is warm)
@@ -27,6 +29,7 @@ from pathlib import Path
 from .errors import AtopError, ModelError
 from .imageio import DEFAULT_MAX_PIXELS
 
+MAX_ATTACK_SECONDS = 30.0  # one attack holds a CPU core for this long at most
 _TAG = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -42,6 +45,8 @@ class Settings:
     max_latency_ms: int = 5000               # batching queue deadline, ms (503 beyond)
     ort_threads: int = 2                     # a 2-core machine: the model worker uses both for one batch
     providers: tuple[str, ...] = ()          # () = automatic (CUDA if present, then CPU)
+    attack_seconds: float = 5.0              # attack demo: time limit of one attack, s
+    attack_queries: int = 2000               # attack demo: classifier calls of one attack
 
     @classmethod
     def from_env(cls, env=None) -> "Settings":
@@ -59,6 +64,8 @@ class Settings:
                     kw[f.name] = raw.lower() in ("1", "true", "yes")
                 elif f.type == "int":
                     kw[f.name] = int(raw)
+                elif f.type == "float":
+                    kw[f.name] = float(raw)
                 elif f.name == "providers":
                     kw[f.name] = tuple(p.strip() for p in raw.split(",") if p.strip())
                 else:
@@ -66,10 +73,13 @@ class Settings:
             except ValueError:
                 raise AtopError(f"ATOP_{f.name.upper()}={raw!r} is not a valid {f.type}") from None
         s = cls(**kw)
-        positive = ("max_samples", "max_images", "max_request_bytes", "max_pixels", "max_batch_size", "max_latency_ms")
+        positive = ("max_samples", "max_images", "max_request_bytes", "max_pixels", "max_batch_size", "max_latency_ms",
+                    "attack_queries")
         for name in positive:
             if getattr(s, name) < 1:
                 raise AtopError(f"ATOP_{name.upper()} must be >= 1, got {getattr(s, name)}")
+        if not 0 < s.attack_seconds <= MAX_ATTACK_SECONDS:  # `not` also catches NaN
+            raise AtopError(f"ATOP_ATTACK_SECONDS must be in (0, {MAX_ATTACK_SECONDS:g}], got {s.attack_seconds}")
         if s.max_batch_size < 2:
             raise AtopError("ATOP_MAX_BATCH_SIZE must be >= 2 (BentoML batching)")
         return s

@@ -3,6 +3,9 @@
     serving folder  card.json          the source card + an "export" section (files, sha256, graph contract,
                                        verification, variant measurements, versions, command)
                     pipeline.onnx      fp32 graph: RT + purifier + classifier (+ TTA) + softmax, dynamic N and K
+                    classifier.onnx    the bare classifier f (+ TTA): images -> logits, for the service's attack demo;
+                                       its weights are external data read from classifier.safetensors (copied
+                                       along when --out is another folder)
                     pipeline.opt.onnx  faster CPU variant, only where it keeps accuracy (see export/optimize.py)
                     pipeline.trt.ep    Torch-TensorRT program (--format tensorrt|all, GPU only)
 
@@ -26,7 +29,7 @@ from atop_serve.config import RTConfig
 from atop_serve.errors import AtopError, ExportError, ModelError
 
 FORMATS = {"onnx": ("onnx",), "tensorrt": ("onnx", "tensorrt"), "all": ("onnx", "tensorrt")}
-EXPORTED_FILES = (modelio.ONNX_FILE, modelio.OPT_ONNX_FILE, modelio.TRT_FILE)
+EXPORTED_FILES = (modelio.ONNX_FILE, modelio.CLASSIFIER_ONNX_FILE, modelio.OPT_ONNX_FILE, modelio.TRT_FILE)
 
 
 def parse_format(fmt: str) -> tuple[str, ...]:
@@ -176,6 +179,19 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
             + (f", clean accuracy {100 * ver_onnx['accuracy']:.2f} %" if "accuracy" in ver_onnx else ""))
         files = {modelio.ONNX_FILE: {"precision": "fp32", "runtime": "onnxruntime (any provider)", "role": "pipeline"}}
         section: dict = {"formats": list(targets), "verification": {"onnx": ver_onnx}}
+
+        # the bare classifier f for the service's attack demo; its graph reads the weights file next to it
+        weights = src / card["classifier"].get("file", modelio.CLASSIFIER_FILE)
+        shutil.copy2(weights, tmp / weights.name)
+        clf_path, shared = onnx_export.export_classifier(pipeline.classifier, tmp / modelio.CLASSIFIER_ONNX_FILE,
+                                                         tmp / weights.name, rt.image_size)
+        section["verification"]["classifier"] = verify.verify_classifier(pipeline.classifier, clf_path, vset)
+        log(f"  bare classifier graph: {shared['inline_bytes'] / 1e6:.2f} MB inline, "
+            f"{shared['external_bytes'] / 1e6:.2f} MB read from {weights.name}; verified")
+        files[modelio.CLASSIFIER_ONNX_FILE] = {"precision": "fp32", "runtime": "onnxruntime (any provider)",
+                                               "role": "bare classifier f (attack demo)", "external_data": shared}
+        files[weights.name] = {"precision": "as trained", "runtime": "safetensors; external data of "
+                               f"{modelio.CLASSIFIER_ONNX_FILE}", "role": "classifier weights"}
 
         if optimize:
             from .optimize import select_variant

@@ -8,6 +8,9 @@ Graph contract (also what the service feeds):
   outputs  probs (N, C), logits (N, C), purified (N, 3, 32, 32), transformed (N, 3, 32, 32), mask (N, 1, 32, 32)
 N (batch) and K (purification samples) are dynamic.
 
+A second, small graph holds the bare classifier f alone (``export_classifier``: images -> logits, dynamic N), for
+the service's attack demo; its weights are not copied but read from the folder's classifier.safetensors.
+
 Randomness enters as explicit inputs rather than random ops inside the graph: the server draws it from the
 OS entropy pool per request (fresh and unpredictable), while tests and the export's own verification feed
 identical draws to PyTorch and the graph.
@@ -49,6 +52,72 @@ def export_onnx(pipeline: PurifiedClassifier, out: str | Path, opset: int = OPSE
         program.save(str(tmp))
     tmp.replace(out)
     return out
+
+
+def export_classifier(classifier, out: str | Path, weights: str | Path, size: int = 32,
+                      opset: int = OPSET) -> tuple[Path, dict]:
+    """Write the bare classifier f (with its test-time augmentation) as an ONNX graph: ``images`` (N, 3, S, S) in
+    [0, 1] -> ``logits`` (N, C), dynamic N.
+
+    Its weights are ONNX external data pointing into ``weights`` (the safetensors file of the classifier, which
+    must sit next to ``out`` and stay unchanged): an initializer equal byte for byte to a stored tensor is read
+    from that tensor's byte range instead of being copied (safetensors stores raw little-endian C-order data, the
+    layout ONNX external data requires), so the graph adds a few hundred KB to a serving folder instead of a
+    second copy of the weights. Anything else (small constants, tensors the exporter folded) stays inside.
+    Returns the path and what was shared: {"file", "sha256", "external_bytes", "inline_bytes"}.
+    """
+    import onnx
+    from onnx import external_data_helper, numpy_helper
+
+    from atop_serve.modelio import sha256
+
+    out, weights = Path(out), Path(weights)
+    if weights.parent.resolve() != out.parent.resolve():
+        raise ValueError(f"{weights} must be in the folder of {out}: ONNX Runtime reads external data next to the graph")
+    n = torch.export.Dim("N", min=1, max=65536)
+    tmp = out.with_name(out.name + ".tmp")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            classifier.eval(), (torch.rand(2, 3, size, size),), input_names=["images"], output_names=["logits"],
+            dynamic_shapes=({0: n},), dynamo=True, opset_version=opset, external_data=False, verbose=False,
+        )
+        program.save(str(tmp))
+    model = onnx.load(str(tmp))
+    stored = _safetensors_ranges(weights)
+    shared = inline = 0
+    for t in model.graph.initializer:
+        a = numpy_helper.to_array(t)
+        data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        where = stored.get(data) if t.HasField("raw_data") and len(data) >= 1024 else None
+        if where is None:
+            inline += len(data)
+            continue
+        external_data_helper.set_external_data(t, location=weights.name, offset=where[0], length=where[1])
+        t.ClearField("raw_data")
+        shared += len(data)
+    onnx.save(model, str(tmp))
+    tmp.replace(out)
+    return out, {"file": weights.name, "sha256": sha256(weights), "external_bytes": shared, "inline_bytes": inline}
+
+
+def _safetensors_ranges(path: Path) -> dict[bytes, tuple[int, int]]:
+    """A safetensors file's tensors: raw bytes -> (offset in the file, length). Format: an 8-byte little-endian
+    header length, a JSON header of {name: {dtype, shape, data_offsets: [begin, end]}}, then the data."""
+    import json
+    import struct
+
+    raw = Path(path).read_bytes()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    base = 8 + header_len
+    ranges: dict[bytes, tuple[int, int]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        ranges.setdefault(raw[base + begin : base + end], (base + begin, end - begin))
+    return ranges
 
 
 def compare(pipeline: PurifiedClassifier, session, images: np.ndarray, k: int = 1, seed: int = 0) -> dict:

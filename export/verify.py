@@ -152,6 +152,25 @@ def check(result: dict, kind: str, what: str) -> dict:
     return out
 
 
+def verify_classifier(classifier, onnx_path, vset: VerificationSet, batch: int = 250) -> dict:
+    """Verify the bare classifier's graph (``export_classifier``) on ONNX Runtime CPU against eager PyTorch on the
+    images of ``vset`` (``TOLERANCES['onnx-fp32']``). Raises ExportError past the tolerance; returns the card record."""
+    import torch
+
+    from .onnx_export import make_session
+
+    session = make_session(onnx_path)
+
+    def eager(x, _):
+        with torch.no_grad():
+            return classifier(torch.from_numpy(x)).float().numpy()
+
+    ref = _batched(eager, vset.images, {}, batch)
+    out = _batched(lambda x, _: session.run(["logits"], {"images": x})[0], vset.images, {}, batch)
+    result = check(compare_logits(ref, out, vset.labels), "onnx-fp32", Path(onnx_path).name)
+    return {"runtime": "onnxruntime CPUExecutionProvider", "images": vset.describe(), **result}
+
+
 def verify_onnx(pipeline, onnx_path, vset: VerificationSet, seed: int = 0, k_check: int = 3,
                 reference: np.ndarray | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
     """Verify an fp32 ONNX graph on ONNX Runtime CPU against eager PyTorch (``TOLERANCES['onnx-fp32']``).

@@ -44,3 +44,11 @@ def make_model_folder(path: Path, seed: int = 0, rt_kind: str = "rt2", sigma: fl
 @pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory) -> Path:
     return make_model_folder(tmp_path_factory.mktemp("model") / "random")
+
+
+@pytest.fixture(scope="session")
+def det_folder(tmp_path_factory) -> Path:
+    """A serving folder (random weights + graphs) whose RT does nothing: rt1 with rate 0 (tests/_server.py)."""
+    from tests._server import deterministic_folder
+
+    return deterministic_folder(tmp_path_factory.mktemp("serve") / "det")

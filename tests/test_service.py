@@ -12,14 +12,10 @@ import io
 import json
 import os
 import shutil
-import signal
-import socket
 import struct
 import subprocess
 import sys
-import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -33,99 +29,26 @@ from atop_serve.engine import OnnxEngine, TorchEngine, load_engine, request_draw
 from atop_serve.errors import AtopError, ModelError
 from atop_serve.settings import Settings, model_tag
 
+from tests._server import REPO, export_folder, png, serve
 from tests.conftest import DATA_ROOT, make_model_folder, needs_data
 
-REPO = Path(__file__).resolve().parents[1]
 SERVER_ENV = {  # small limits keep the error tests cheap
     "ATOP_MAX_REQUEST_BYTES": str(1024 * 1024), "ATOP_MAX_IMAGES": "8", "ATOP_MAX_SAMPLES": "4",
     "ATOP_ALLOW_SEED": "0", "ATOP_ORT_THREADS": "1", "OMP_NUM_THREADS": "1",
 }
-READY_TIMEOUT_S = 60
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-def _exported(folder: Path) -> Path:
-    import torch
-
-    from export.onnx_export import export_onnx
-
-    torch.set_num_threads(1)
-    export_onnx(modelio.load_pipeline(folder), folder / modelio.ONNX_FILE)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def det_folder(tmp_path_factory) -> Path:
-    """A serving folder (random weights + graph) whose RT does nothing: rt1 with rate 0."""
-    folder = make_model_folder(tmp_path_factory.mktemp("serve") / "det", rt_kind="rt1")
-    card = modelio.read_card(folder)
-    card["purifier"]["rt"]["rate"] = 0.0
-    modelio.write_card(folder, card)
-    return _exported(folder)
-
-
 @pytest.fixture(scope="session")
 def rt_folder(tmp_path_factory) -> Path:
     """A serving folder with the usual random transform (rt2)."""
-    return _exported(make_model_folder(tmp_path_factory.mktemp("serve") / "rt2", seed=1))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    log: Path
-    startup_s: float
-
-    def post(self, path, **kw) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=60, **kw)
+    return export_folder(make_model_folder(tmp_path_factory.mktemp("serve") / "rt2", seed=1))
 
 
 @pytest.fixture(scope="module")
 def server(det_folder, tmp_path_factory):
-    port, tmp = _free_port(), tmp_path_factory.mktemp("bentoml")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ATOP_")}
-    env.update(SERVER_ENV, ATOP_MODEL=str(det_folder), BENTOML_HOME=str(tmp / "home"), BENTOML_DO_NOT_TRACK="True")
-    log = tmp / "serve.log"
-    start = time.perf_counter()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(port)], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            if time.perf_counter() - start > READY_TIMEOUT_S:
-                pytest.fail(f"not ready after {READY_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        yield Server(url, log, time.perf_counter() - start)
-    finally:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
+    with serve(det_folder, SERVER_ENV, tmp_path_factory.mktemp("bentoml")) as running:
+        yield running
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

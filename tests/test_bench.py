@@ -1,0 +1,190 @@
+"""`atop bench` and its load generator: statistics, error counting against a real short-lived server, and a tiny
+--quick run on a random-weight serving folder that must write the report files with the expected content.
+Nothing here asserts speed."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from atop_serve import modelio
+from atop_serve.errors import AtopError
+from training import loadgen
+from training.loadgen import Payload, latency_summary, percentile, run_load
+
+from tests.conftest import make_model_folder
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def serving_folder(tmp_path_factory):
+    """Random weights + pipeline.onnx in place, plus an offline-optimised pipeline.opt.onnx declared shipped."""
+    import torch
+
+    from export.onnx_export import export_onnx
+    from export.optimize import build_ort_offline
+
+    torch.set_num_threads(1)
+    folder = make_model_folder(tmp_path_factory.mktemp("bench") / "model")
+    export_onnx(modelio.load_pipeline(folder), folder / modelio.ONNX_FILE)
+    build_ort_offline(folder / modelio.ONNX_FILE, folder / modelio.OPT_ONNX_FILE)
+    card = modelio.read_card(folder)
+    card["export"] = {"cpu_variant": {"shipped": "ort-offline"}}
+    modelio.write_card(folder, card)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(serving_folder, tmp_path_factory):
+    home = tmp_path_factory.mktemp("bentoml-home")
+    env = {"ATOP_ORT_THREADS": "1", "OMP_NUM_THREADS": "1", "BENTOML_HOME": str(home)}
+    with loadgen.serve(serving_folder, env, log=home / "serve.log") as s:
+        yield s
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def test_percentile_matches_numpy_linear():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 7, 100, 1001):
+        values = rng.exponential(size=n).tolist()
+        for q in (0, 1, 25, 50, 90, 95, 99, 99.9, 100):
+            assert percentile(values, q) == pytest.approx(float(np.percentile(values, q)), rel=1e-12, abs=1e-15)
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0  # order of the input does not matter
+    assert percentile([1.0, 2.0], 50) == 1.5 and percentile([5.0], 99) == 5.0
+    with pytest.raises(ValueError):
+        percentile([], 50)
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_latency_summary():
+    s = latency_summary([0.001 * v for v in range(1, 101)])  # 1..100 ms
+    assert s["n"] == 100 and s["min_ms"] == 1.0 and s["max_ms"] == 100.0
+    assert s["p50_ms"] == pytest.approx(50.5) and s["p99_ms"] == pytest.approx(99.01)
+    assert s["p50_ms"] <= s["p95_ms"] <= s["p99_ms"] <= s["max_ms"]
+    assert latency_summary([])["n"] == 0 and latency_summary([])["p50_ms"] is None
+
+
+# ------------------------------------------------------------------------------------------ load generator
+def test_load_generator_only_talks_to_this_machine():
+    for url in ("http://example.com", "http://10.0.0.1:3000", "ftp://127.0.0.1:21", "http://127.0.0.2:3000"):
+        with pytest.raises(AtopError, match="only talks to this machine"):
+            run_load(url, [Payload("a.png", _png(0), "image/png")], 1, 1, 1.0)
+    assert loadgen.check_local("http://localhost:3000/") == "http://localhost:3000"
+
+
+def test_load_generator_counts_errors(server):
+    good = [Payload(f"{i}.png", _png(i), "image/png") for i in range(4)]
+    bad = [Payload("bad.jpg", b"not an image at all"), Payload("empty.jpg", b"")]
+    payloads = good + bad
+    r = run_load(server.url, payloads, concurrency=3, max_requests=2 * len(payloads), max_seconds=120)
+    assert r.sent == 12 and r.stopped_by == "requests"  # every payload sent exactly twice
+    assert r.errors == 4 and r.ok == 8 and r.error_kinds == {"HTTP 415": 2, "HTTP 400": 2}
+    assert r.latency_ok["n"] == 8 and r.latency_ok["p50_ms"] > 0 and r.latency_all["n"] == 12
+    assert r.requests_per_s > 0 and r.accuracy is None  # unlabelled payloads
+    assert any("not an image" in e for e in r.first_errors)
+    # still serving after the bad requests
+    again = run_load(server.url, good, concurrency=2, max_requests=4, max_seconds=60)
+    assert (again.sent, again.ok, again.errors) == (4, 4, 0)
+
+
+def test_load_generator_survives_a_dead_port():
+    url = f"http://127.0.0.1:{loadgen.free_port()}"  # nothing listens there
+    r = run_load(url, [Payload("a.png", _png(0), "image/png")], concurrency=4, max_requests=10**6, max_seconds=0.5)
+    assert r.stopped_by == "time" and r.sent > 0 and r.errors == r.sent and r.ok == 0
+    assert set(r.error_kinds) == {"ConnectError"} and r.requests_per_s == 0
+    assert r.latency_ok["n"] == 0 and r.latency_all["n"] == r.sent
+
+
+def test_load_images_real_or_synthetic(tmp_path):
+    with pytest.raises(AtopError, match="no image folders"):
+        loadgen.load_images(tmp_path, n=3)
+    for c in ("a", "b"):
+        (tmp_path / "test" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "test" / c / f"{i}.png").write_bytes(_png(i))
+    payloads, source = loadgen.load_images(tmp_path, n=4)
+    assert len(payloads) == 4 and sorted(p.label for p in payloads) == [0, 0, 1, 1] and "class-balanced" in source
+
+
+# ------------------------------------------------------------------------------------------ atop bench --quick
+def test_quick_bench_writes_report(serving_folder, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import atop_cli
+
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "bench"
+    args = ["bench", "--quick", "--model", str(serving_folder), "--out", str(out),
+            "--backends", "torch-fp32,ort-fp32,ort-opt,ort-cuda-fp32", "--batch-sizes", "1,4", "--samples", "1,2",
+            "--concurrency", "1,4", "--requests", "8", "--level-seconds", "5", "--threads", "1", "--budget", "900"]
+    result = CliRunner().invoke(atop_cli.app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{"):])
+    assert set(summary["files"]) == {"report.json", "report.md", "latency_vs_batch.png", "throughput_vs_concurrency.png"}
+    for name in summary["files"]:
+        assert (out / name).stat().st_size > 0
+    for png in ("latency_vs_batch.png", "throughput_vs_concurrency.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    r = json.loads((out / "report.json").read_text())
+    assert r["schema"] == "atop-bench/1" and r["mode"] == "quick" and r["wall_seconds"] > 0
+    m = r["machine"]
+    assert m["cores"] >= 1 and m["cpu"] and {"avx512f", "amx_bf16", "avx512_bf16"} <= set(m["cpu_flags"])
+    assert {"torch", "onnxruntime", "numpy", "bentoml"} <= set(m["versions"]) and len(m["load_average_end"]) == 3
+
+    ref = r["reference"]
+    fl = ref["flops"]
+    assert 0 < fl["purifier"] < fl["pipeline"] and 0 < fl["classifier"] < fl["pipeline"]
+    assert fl["pipeline_per_k"]["2"] == pytest.approx(2 * fl["pipeline"], rel=0.01) and fl["tta_passes"] == 2
+    assert ref["peaks"]["cpu-fp32"]["gflops_per_s"] > 0 and ref["floor"]["cpu-fp32"]["images_per_s"] > 0
+    assert ref["diffpure"]["gflops_per_image"] > 3000 and ref["diffpure"]["ratio_to_atop"] > 1
+    assert ref["rt_draws"]["service_us_per_row"] > 0
+
+    backends = r["model_level"]["backends"]
+    assert set(backends) == {"torch-fp32", "ort-fp32", "ort-opt", "ort-cuda-fp32"}
+    for name in ("torch-fp32", "ort-fp32", "ort-opt"):
+        b = backends[name]
+        assert b["status"] == "ok", b
+        got = {(c["part"], c["k"], c["batch"]) for c in b["cells"]}
+        assert got == {(p, k, n) for n in (1, 4) for p, k in (("classifier", 1), ("pipeline", 1), ("pipeline", 2))}
+        for c in b["cells"]:
+            assert c["reps"] >= 3 and 0 < c["p50_ms"] <= c["p95_ms"] <= c["p99_ms"], c
+            assert c["images_per_s"] > 0 and c["gflops_per_s"] > 0 and c["peak_fraction"] > 0
+    if backends["ort-cuda-fp32"]["status"] == "skipped":
+        assert backends["ort-cuda-fp32"]["reason"]
+    assert backends["ort-opt"]["precision"].startswith("fp32")
+    ml = r["model_level"]
+    assert ml["best_cpu"]["images_per_s"] > 0 and set(ml["overhead"]["ort-fp32"]["4"]) == {"k1", "k2"}
+    assert all(v > 0 for v in ml["overhead"]["ort-fp32"]["4"].values())
+    prof = r["profile"]
+    assert prof["by_op_type"] and all(o["share"] > 0 for o in prof["by_op_type"])
+    if prof["backend"].startswith("ort"):
+        assert abs(sum(o["share"] for o in prof["by_component"]) - 1) < 0.01
+
+    http = r["http"]
+    [run] = http["runs"]
+    assert run["max_batch_size"] == 64 and run["server"]["backend"] == "onnxruntime"
+    assert [lv["concurrency"] for lv in run["levels"]] == [1, 4]
+    for lv in run["levels"]:
+        assert lv["sent"] > 0 and lv["errors"] == 0 and lv["requests_per_s"] > 0 and lv["latency_ok"]["p50_ms"] > 0
+        assert lv["share_of_best_model_level"] > 0
+    assert http["choice"]["max_batch_size"] == 64 and http["choice"]["max_latency_ms"] >= 1000 and http["choice"]["why"]
+
+    assert [b["passed"] is not None for b in r["bars"]] == [True, True, True]
+    md = (out / "report.md").read_text()
+    for heading in ("## Benchmark results", "### Machine", "### Bars", "### Reference", "### Model level",
+                    "### HTTP level", "**Batching choice:**"):
+        assert heading in md, heading
+    assert "Quick run" in md and "![latency_vs_batch](bench/latency_vs_batch.png)" in md

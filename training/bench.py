@@ -1,0 +1,1407 @@
+"""``atop bench``: how fast is purified classification here, on every backend and through the live service.
+
+Model level (in process): for each backend, the bare classifier f and the purified pipeline f(g(RT(x))), for
+purification samples K and batch sizes; per cell p50/p95/p99 latency and images/s after a warm-up, with as many
+repeats as fill a time target (at least ``min_reps``), each repeat on fresh inputs: real CIFAR-10 test images
+drawn at random from a pool plus fresh RT draws (never zeros). Timed: numpy in -> class scores out (host/device
+copies included); the RT draws themselves are made outside the timer and measured apart (``reference.rt_draws``).
+
+Reference: FLOPs per image (torch.utils.flop_counter: matmul/conv FLOPs, 2 per multiply-add), this machine's
+matmul peak per dtype, hence the fraction of peak each cell reaches and the compute floor (peak / FLOPs); DiffPure's
+per-image compute for scale (``DIFFPURE``, derivation in docs/benchmarks.md).
+
+HTTP level: ``bentoml serve`` started on 127.0.0.1 for each candidate ``ATOP_MAX_BATCH_SIZE`` and driven by
+training.loadgen at each concurrency with real CIFAR-10 test files; the batching settings are chosen from these
+runs. Everything is bounded by request counts and a wall-clock budget, so a run stops by itself.
+
+Output (``write_report``): report.json, report.md (pasteable into a Markdown file next to the report folder, e.g.
+docs/benchmarks.md for ``--out docs/bench``), latency_vs_batch.png, throughput_vs_concurrency.png.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from atop_serve import modelio
+from atop_serve.config import RTConfig, draw_rt_inputs_numpy
+from atop_serve.errors import AtopError, ModelError
+
+from . import loadgen
+
+SCHEMA = "atop-bench/1"
+CLASSIFIER_ONNX_FILE = getattr(modelio, "CLASSIFIER_ONNX_FILE", "classifier.onnx")
+FOLDER_WEIGHTS = "the folder's weights"
+CPU_BACKENDS = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-opt")
+GPU_BACKENDS = ("ort-cuda-fp32", "ort-trt-fp16", "torch-trt-fp16")
+BACKENDS = CPU_BACKENDS + GPU_BACKENDS
+TTA_PASSES = {"none": 1, "flip": 2, "flip-translate": 6}
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+BARS = {"throughput_images_per_s": 1000.0, "overhead_at_batch": 32, "overhead_max": 2.0, "http_concurrency": 32,
+        "http_share_min": 0.5, "cores": 2}
+
+# DiffPure (Nie et al., ICML 2022) on CIFAR-10, per image and purification: see docs/benchmarks.md for the derivation.
+DIFFPURE = {
+    "score_model": "NCSN++ / DDPM++ cont. deep, VP SDE (Song et al., ICLR 2021; score_sde checkpoint "
+                   "vp/cifar10_ddpmpp_deep_continuous, checkpoint_8.pth), 106.6 M parameters",
+    "score_gflops_per_forward": 37.09,
+    "reverse_steps": 100,
+    "classifier": "WideResNet-28-10 (36.5 M parameters)",
+    "classifier_gflops": 10.49,
+    "gflops_per_image": round(100 * 37.09 + 10.49, 1),
+    "derivation": (
+        "No published per-image FLOPs figure was found, so it is counted: DiffPure's own score network "
+        "(NVlabs/DiffPure@985703f, score_sde/models/ncsnpp.py with configs/cifar10.yml: nf 128, ch_mult 1-2-2-2, "
+        "8 res blocks per resolution, attention at 16x16, BigGAN res blocks) run once at batch 1 on 32x32 under "
+        "torch.utils.flop_counter.FlopCounterMode gives 37.09 GFLOPs per forward (35.25 convolution, 1.82 attention "
+        "bmm, 0.02 linear). The CIFAR-10 runs (run_scripts/cifar10/run_cifar_rand_inf.sh, --t 100) integrate the "
+        "reverse VP SDE from t = 1 - 100/1000 = 0.9 to 1 - 1e-5 with torchsde.sdeint_adjoint(method='euler') at "
+        "torchsde's default dt = 1e-3 (runners/diffpure_sde.py): ceil(0.09999 / 0.001) = 100 Euler steps, one "
+        "score evaluation each, i.e. t* = 0.1 and 100 network evaluations per image. Plus one WideResNet-28-10 "
+        "pass (10.49 GFLOPs, same counter, atop_serve's wrn-28-10). Total 100 x 37.09 + 10.49 = 3719.4 GFLOPs per "
+        "image, per purification sample (DiffPure's EOT attacks multiply this further). Counting convention as for "
+        "AToP here: matmul/conv FLOPs only (2 per multiply-add), normalisations and activations not counted."),
+    "sources": [
+        "Nie et al., Diffusion Models for Adversarial Purification, ICML 2022 (t* = 0.1 for CIFAR-10 l_inf)",
+        "github.com/NVlabs/DiffPure: configs/cifar10.yml, runners/diffpure_sde.py, run_scripts/cifar10/run_cifar_rand_inf.sh",
+        "Song et al., Score-Based Generative Modeling through Stochastic Differential Equations, ICLR 2021",
+        "torchsde.sdeint_adjoint: dt defaults to 1e-3",
+    ],
+}
+
+
+# ------------------------------------------------------------------------------------------ configuration
+@dataclass(frozen=True)
+class Preset:
+    batch_sizes: tuple[int, ...]
+    samples: tuple[int, ...]
+    concurrency: tuple[int, ...]
+    requests: int  # most requests per concurrency level
+    level_seconds: float  # most seconds per concurrency level
+    batching: tuple[int, ...]  # ATOP_MAX_BATCH_SIZE candidates (() = the settings default)
+    budget_s: float
+    target_s: float  # time per model-level cell to aim for
+    min_reps: int
+    max_reps: int
+    peak_n: int  # matmul size for the peak
+    pool: int  # real images held for model-level inputs
+    http_images: int  # distinct files the load generator cycles through
+    model_share: float  # share of the budget for setup + model level (the rest: HTTP, report)
+
+
+FULL = Preset(batch_sizes=(1, 8, 32, 128, 256), samples=(1, 4), concurrency=(1, 8, 32, 128), requests=2000,
+              level_seconds=15.0, batching=(16, 64, 128), budget_s=840.0, target_s=2.0, min_reps=10, max_reps=200,
+              peak_n=2048, pool=1024, http_images=1000, model_share=0.55)
+QUICK = Preset(batch_sizes=(1, 32), samples=(1,), concurrency=(1, 8, 32), requests=96, level_seconds=5.0,
+               batching=(), budget_s=110.0, target_s=0.25, min_reps=3, max_reps=20, peak_n=768, pool=256,
+               http_images=200, model_share=0.5)
+
+
+@dataclass
+class BenchConfig:
+    model: str = "default"
+    out: Path = Path("runs/bench")
+    quick: bool = False
+    backends: tuple[str, ...] = ()  # () = every backend (unavailable ones are skipped with a reason)
+    batch_sizes: tuple[int, ...] = ()  # () = the preset's
+    samples: tuple[int, ...] = ()
+    concurrency: tuple[int, ...] = ()
+    requests: int = 0
+    level_seconds: float = 0.0
+    batching: tuple[int, ...] = ()
+    http: bool = True
+    url: str | None = None  # drive this running server instead of starting one
+    threads: int = 0  # model-level CPU threads (0: all cores)
+    budget_s: float = 0.0
+    data: str | None = None
+    seed: int = 0
+    command: str = ""
+
+    def preset(self) -> Preset:
+        base = QUICK if self.quick else FULL
+        over = {k: getattr(self, k) for k in ("batch_sizes", "samples", "concurrency", "requests", "level_seconds",
+                                               "batching", "budget_s") if getattr(self, k)}
+        return Preset(**{**asdict(base), **over})
+
+    def validate(self) -> None:
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown:
+            raise AtopError(f"unknown backend(s) {unknown}; valid: {', '.join(BACKENDS)}")
+        for name in ("batch_sizes", "samples", "concurrency", "batching"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise AtopError(f"--{name.replace('_', '-')} values must be >= 1")
+        if any(v < 2 for v in self.batching):
+            raise AtopError("--batching values must be >= 2 (ATOP_MAX_BATCH_SIZE)")
+        if self.url:
+            loadgen.check_local(self.url)
+
+
+class Clock:
+    """The run's wall-clock budget."""
+
+    def __init__(self, budget_s: float):
+        self.t0, self.budget_s = time.perf_counter(), budget_s
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def at(self, share: float) -> float:
+        """perf_counter() value at ``share`` of the budget."""
+        return self.t0 + share * self.budget_s
+
+
+class Skip(Exception):
+    """A backend that cannot run here; the message says why."""
+
+
+# ------------------------------------------------------------------------------------------ machine
+def machine_info() -> dict:
+    from importlib import metadata
+
+    info: dict = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                  "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                  "platform": platform.platform(), "python": platform.python_version()}
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and info["cpu"] in (platform.processor(), platform.machine(), ""):
+                info["cpu"] = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    info["cpu_flags"] = {f: f in flags for f in CPU_FLAGS}
+    try:
+        kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+        info["memory_gib"] = round(kb / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    versions = {}
+    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "bentoml", "httpx", "pillow",
+                "torch-tensorrt", "tensorrt", "atop-serve"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    info["versions"] = versions
+    try:
+        import onnxruntime as ort
+
+        info["onnxruntime_providers"] = ort.get_available_providers()
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # noqa: BLE001
+        info["gpu"] = None
+    info["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
+    return info
+
+
+def busy_note(machine: dict) -> str | None:
+    """A warning when the machine was not quiet: load average above a quarter of the cores at start or end."""
+    cores = machine.get("cores") or 1
+    loads = [machine.get("load_average_start", [0])[0], machine.get("load_average_end", [0])[0]]
+    if max(loads) > 0.25 * cores:
+        return (f"the machine was busy (1-minute load average {loads[0]} at start, {loads[1]} at end, on {cores} "
+                "cores): these numbers understate what it can do; re-run on a quiet machine before publishing")
+    return None
+
+
+# ------------------------------------------------------------------------------------------ model
+@dataclass
+class Model:
+    folder: Path
+    card: dict
+    rt: RTConfig
+    pipeline: object  # PurifiedClassifier (CPU, eval)
+    weights: str  # where the weights came from
+    tta: str
+
+    @property
+    def size(self) -> int:
+        return self.rt.image_size
+
+
+def load_model(folder: Path) -> Model:
+    """The folder's pipeline in PyTorch; a serving folder without weights gets random weights of the card's
+    architectures (speed does not depend on weight values; the report says so)."""
+    from atop_serve.engine import read_serving_card
+
+    card, rt = read_serving_card(folder)
+    tta = card["classifier"].get("tta", "none")
+    try:
+        pipeline = modelio.load_pipeline(folder)
+        weights = FOLDER_WEIGHTS
+    except ModelError as e:
+        if "is missing" not in str(e):
+            raise
+        import torch
+
+        from atop_serve.pipeline import PurifiedClassifier, TTAClassifier
+        from atop_serve.registry import create_classifier, create_purifier
+
+        torch.manual_seed(0)
+        clf = TTAClassifier(create_classifier(card["classifier"]["arch"], num_classes=len(card["classes"])), tta)
+        pipeline = PurifiedClassifier(create_purifier(card["purifier"]["arch"]), clf, rt).eval()
+        weights = ("random weights of the card's architectures: the folder holds no weights (PyTorch backends, the "
+                   "bare-classifier graphs and FLOP counts need only the architecture; speed does not depend on "
+                   "weight values)")
+    return Model(folder, card, rt, pipeline.eval(), weights, tta)
+
+
+def count_flops(model: Model, ks) -> dict:
+    """FLOPs per image (batch 1) of the purifier, the classifier with its TTA, and the whole pipeline per K."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from atop_serve.transforms import RTInputs, random_transform
+
+    def flops(fn) -> int:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            fn()
+        return int(fc.get_total_flops())
+
+    p, s = model.pipeline, model.size
+    x = torch.rand(1, 3, s, s, generator=torch.Generator().manual_seed(0))
+    d = {k: torch.from_numpy(v) for k, v in draw_rt_inputs_numpy(model.rt, 1, 1, np.random.default_rng(0)).items()}
+    inputs = RTInputs(d["u_mask"], d["z"], d["u_mix"])
+    x_t, mask = random_transform(x, model.rt, inputs.flat())
+    out = {"purifier": flops(lambda: p.purifier(x_t, mask)), "classifier": flops(lambda: p.classifier(x)),
+           "classifier_single_pass": flops(lambda: p.classifier.classifier(x)), "tta": model.tta,
+           "tta_passes": TTA_PASSES.get(model.tta), "pipeline_per_k": {}}
+    for k in sorted(set(ks) | {1}):
+        dk = {n: torch.from_numpy(v) for n, v in draw_rt_inputs_numpy(model.rt, 1, k, np.random.default_rng(0)).items()}
+        out["pipeline_per_k"][str(k)] = flops(lambda: p.run(x, RTInputs(dk["u_mask"], dk["z"], dk["u_mix"])))
+    out["pipeline"] = out["pipeline_per_k"]["1"]
+    out["counter"] = "torch.utils.flop_counter.FlopCounterMode, batch 1: conv/matmul FLOPs (2 per multiply-add)"
+    return out
+
+
+def flops_of(flops: dict, part: str, k: int) -> int:
+    return flops["classifier"] if part == "classifier" else flops["pipeline_per_k"].get(str(k), k * flops["pipeline"])
+
+
+# ------------------------------------------------------------------------------------------ peaks
+def matmul_peaks(kinds, n: int, threads: int, seconds: float = 1.5) -> dict:
+    """Best-of-repeats GFLOP/s of an n x n x n matmul (torch) per kind: cpu-fp32, cpu-bf16, cpu-int8 (torch._int_mm,
+    int8 x int8 -> int32, oneDNN/VNNI), cuda-fp32 (TF32 off), cuda-fp16."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for kind in kinds:
+        device, dtype = kind.split("-")
+        try:
+            m = n if device == "cpu" else max(n, 8192)
+            dev = torch.device("cuda" if device == "cuda" else "cpu")
+            if dtype == "int8":
+                a = torch.randint(-128, 128, (m, m), dtype=torch.int8, device=dev)
+                b = torch.randint(-128, 128, (m, m), dtype=torch.int8, device=dev)
+                fn = lambda: torch._int_mm(a, b)  # noqa: E731
+            else:
+                dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+                a, b = torch.randn(m, m, device=dev).to(dt), torch.randn(m, m, device=dev).to(dt)
+                fn = lambda: a @ b  # noqa: E731
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+                fn(), sync()
+                best, reps, t_end = float("inf"), 0, time.perf_counter() + seconds
+                while reps < 3 or (time.perf_counter() < t_end and reps < 50):
+                    t = time.perf_counter()
+                    fn()
+                    sync()
+                    best, reps = min(best, time.perf_counter() - t), reps + 1
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+            out[kind] = {"gflops_per_s": round(2 * m**3 / best / 1e9, 1), "n": m, "reps": reps,
+                         "how": f"torch {'_int_mm' if dtype == 'int8' else 'matmul'} {m}x{m}x{m}, best of {reps}"
+                                + (f", {threads} threads" if device == "cpu" else "")}
+        except Exception as e:  # noqa: BLE001  (a dtype this build or CPU cannot do is recorded, not fatal)
+            out[kind] = {"gflops_per_s": None, "error": f"{type(e).__name__}: {e}"[:200]}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def image_pool(data: str | None, n: int, size: int, seed: int) -> tuple[np.ndarray, str]:
+    """float32 (n, 3, size, size) in [0, 1]: real test images (decoded from the dataset files) or, without the
+    dataset, uniform random images."""
+    import io
+
+    from PIL import Image
+
+    payloads, source = loadgen.load_images(data, n=n, seed=seed)
+    if payloads and payloads[0].label is None:
+        rng = np.random.default_rng(seed)
+        return rng.random((n, 3, size, size), dtype=np.float32), f"{n} uniform random images (no dataset found)"
+    arrays = []
+    for p in payloads:
+        with Image.open(io.BytesIO(p.data)) as im:
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            arrays.append(np.asarray(im, dtype=np.uint8))
+    x = np.stack(arrays).transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray(x), source
+
+
+class Inputs:
+    """Fresh inputs per repeat: a random choice of pool images and fresh RT draws."""
+
+    def __init__(self, pool: np.ndarray, rt: RTConfig, seed: int):
+        self.pool, self.rt, self.rng = pool, rt, np.random.default_rng(seed)
+
+    def __call__(self, part: str, batch: int, k: int) -> tuple:
+        x = self.pool[self.rng.integers(0, len(self.pool), batch)]
+        if part == "classifier":
+            return (x,)
+        return x, draw_rt_inputs_numpy(self.rt, batch, k, self.rng)
+
+
+# ------------------------------------------------------------------------------------------ backends
+@dataclass
+class Backend:
+    name: str
+    device: str
+    precision: str
+    peak: str  # key into the peaks
+    pipeline: Callable  # (images, draws) -> probs
+    classifier: Callable | None  # (images,) -> logits; None when its graph could not be built (classifier_note says why)
+    detail: str = ""
+    warmup: int = 2
+    classifier_note: str = ""
+
+
+class Context:
+    """What the backends share: the model, a work folder, the threads, lazily built bare-classifier graphs."""
+
+    def __init__(self, model: Model, work: Path, threads: int, max_batch: int, max_k: int, pool: np.ndarray,
+                 log: Callable):
+        self.model, self.work, self.threads, self.max_batch, self.max_k, self.pool = model, work, threads, max_batch, max_k, pool
+        self.log = log
+        self._classifier_onnx: Path | None = None
+
+    @property
+    def onnx(self) -> Path:
+        return self.model.folder / modelio.ONNX_FILE
+
+    def classifier_onnx(self) -> Path:
+        """The bare classifier's graph: the folder's classifier.onnx (written by `atop export`, weights read from
+        classifier.safetensors) where both exist, else an export of the loaded classifier into the work folder."""
+        if self._classifier_onnx is None:
+            shipped = self.model.folder / CLASSIFIER_ONNX_FILE
+            if shipped.exists() and self.model.weights == FOLDER_WEIGHTS:
+                self._classifier_onnx = shipped
+            else:
+                t = time.perf_counter()
+                self._classifier_onnx = export_classifier_onnx(self.model.pipeline.classifier,
+                                                               self.work / "classifier.onnx", self.model.size)
+                self.log(f"  bare classifier exported to ONNX in {time.perf_counter() - t:.1f} s")
+        return self._classifier_onnx
+
+
+def export_classifier_onnx(classifier, path: Path, size: int) -> Path:
+    """The bare classifier (with its TTA) as an ONNX graph with a dynamic batch: the ONNX backends' baseline."""
+    import warnings
+
+    import torch
+
+    n = torch.export.Dim("N", min=1, max=65536)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(classifier.eval(), (torch.rand(2, 3, size, size),), input_names=["images"],
+                                    output_names=["logits"], dynamic_shapes=({0: n},), dynamo=True, opset_version=18,
+                                    external_data=False, verbose=False)
+        program.save(str(path))
+    return path
+
+
+def _ort_pipeline_call(sess):
+    from atop_serve.engine import feed_for
+
+    names = [i.name for i in sess.get_inputs()]
+
+    def pipeline(x, d):
+        return sess.run(["probs"], feed_for(names, x, d))[0]
+
+    return pipeline
+
+
+def _ort_classifier_call(sess):
+    name = sess.get_inputs()[0].name
+
+    def classifier(x):
+        return sess.run(None, {name: x})[0]
+
+    return classifier
+
+
+def _torch_calls(pipeline, device: str, autocast_dtype=None):
+    import contextlib
+
+    import torch
+
+    from atop_serve.transforms import RTInputs
+
+    dev = torch.device(device)
+
+    def ctx():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(dev.type, dtype=autocast_dtype)
+
+    def t(a):
+        return torch.from_numpy(a).to(dev, non_blocking=False)
+
+    def run_pipeline(x, d):
+        with torch.inference_mode(), ctx():
+            out = pipeline.run(t(x), RTInputs(t(d["u_mask"]), t(d["z"]), t(d["u_mix"])))
+        return out["probs"].float().cpu().numpy()
+
+    def run_classifier(x):
+        with torch.inference_mode(), ctx():
+            return pipeline.classifier(t(x)).float().cpu().numpy()
+
+    return run_pipeline, run_classifier
+
+
+def opt_variant(model: Model) -> str | None:
+    """Which faster CPU variant pipeline.opt.onnx is: the card's record, else read from the graph."""
+    path = model.folder / modelio.OPT_ONNX_FILE
+    if not path.exists():
+        return None
+    shipped = (model.card.get("export", {}).get("cpu_variant") or {}).get("shipped")
+    if shipped:
+        return shipped
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    return "int8" if {"QuantizeLinear", "DequantizeLinear", "QLinearConv"} & ops else "ort-offline"
+
+
+def setup_backend(name: str, ctx: Context) -> Backend:
+    """Build one backend or raise Skip(reason)."""
+    import torch
+
+    m = ctx.model
+    cuda = torch.cuda.is_available()
+    if name in ("torch-fp32", "torch-bf16"):
+        torch.set_num_threads(ctx.threads)
+        bf16 = name == "torch-bf16"
+        pipe, clf = _torch_calls(m.pipeline, "cpu", torch.bfloat16 if bf16 else None)
+        return Backend(name, "cpu", "bf16 autocast" if bf16 else "fp32", "cpu-bf16" if bf16 else "cpu-fp32", pipe, clf,
+                       f"PyTorch {torch.__version__} eager, {ctx.threads} threads")
+    if name in ("ort-fp32", "ort-opt"):
+        from atop_serve.engine import make_session
+
+        if not ctx.onnx.exists():
+            raise Skip(f"no {modelio.ONNX_FILE} in {m.folder} (make it with `atop export`)")
+        variant = None
+        if name == "ort-fp32":
+            pipe_path, precision, peak = ctx.onnx, "fp32", "cpu-fp32"
+        else:
+            variant = opt_variant(m)
+            if variant is None:
+                raise Skip(f"no {modelio.OPT_ONNX_FILE} in the folder: the export shipped no faster CPU variant "
+                           "(card: export.cpu_variant)")
+            pipe_path = m.folder / modelio.OPT_ONNX_FILE
+            precision, peak = (("int8 (QDQ: int8 weights, uint8 activations)", "cpu-int8") if variant == "int8"
+                               else (f"fp32 ({variant})", "cpu-fp32"))
+        import onnxruntime as ort
+
+        pipe_session = make_session(pipe_path, ctx.threads, ("CPUExecutionProvider",))
+        clf, note = None, ""
+        try:
+            clf_path = ctx.classifier_onnx()
+            if variant == "int8":
+                from export.optimize import build_int8
+
+                clf_path = build_int8(clf_path, ctx.work / "classifier.int8.onnx", ctx.pool[:128], m.rt)
+            elif variant:
+                from export.optimize import build_ort_offline
+
+                clf_path = build_ort_offline(clf_path, ctx.work / "classifier.offline.onnx")
+            clf = _ort_classifier_call(make_session(clf_path, ctx.threads, ("CPUExecutionProvider",)))
+        except Exception as e:  # noqa: BLE001  (the pipeline is still timed; the classifier cells say why not)
+            note = f"bare classifier graph unavailable: {type(e).__name__}: {e}"[:300]
+        detail = (f"ONNX Runtime {ort.__version__} CPU, {pipe_path.name}, service session options, {ctx.threads} threads"
+                  + ("; bare classifier: the same recipe applied to the classifier graph" if variant else ""))
+        return Backend(name, "cpu", precision, peak, _ort_pipeline_call(pipe_session), clf, detail, classifier_note=note)
+    if not cuda:
+        raise Skip("no CUDA GPU on this machine (torch.cuda.is_available() is False)")
+    if name in ("ort-cuda-fp32", "ort-trt-fp16"):
+        import onnxruntime as ort
+
+        want = "CUDAExecutionProvider" if name == "ort-cuda-fp32" else "TensorrtExecutionProvider"
+        if want not in ort.get_available_providers():
+            raise Skip(f"onnxruntime has no {want} (install onnxruntime-gpu{' with TensorRT' if 'Tensorrt' in want else ''})")
+        if not ctx.onnx.exists():
+            raise Skip(f"no {modelio.ONNX_FILE} in {m.folder}")
+        pipe_s = _gpu_session(ctx, ctx.onnx, name, pipeline=True)
+        pipe = _ort_pipeline_call(pipe_s)
+        clf = _ort_classifier_call(_gpu_session(ctx, ctx.classifier_onnx(), name, pipeline=False))
+        return Backend(name, "cuda", "fp32 (TF32 off)" if name == "ort-cuda-fp32" else "fp16",
+                       "cuda-fp32" if name == "ort-cuda-fp32" else "cuda-fp16", pipe, clf,
+                       f"ONNX Runtime {ort.__version__}, providers {pipe_s.get_providers()}", warmup=3)
+    if name == "torch-trt-fp16":
+        from export import tensorrt as trt_export
+
+        reason = trt_export.unavailable_reason()
+        if reason:
+            raise Skip(reason)
+        path = m.folder / modelio.TRT_FILE
+        if not path.exists():
+            raise Skip(f"no {modelio.TRT_FILE} in the folder (atop export --format all)")
+        import torch_tensorrt  # noqa: F401  (registers the TensorRT runtime ops the saved program uses)
+
+        module = torch.export.load(str(path)).module()
+        dev = torch.device("cuda")
+
+        def pipe(x, d):
+            with torch.no_grad():
+                out = module(torch.from_numpy(x).to(dev), *(torch.from_numpy(d[k]).to(dev) for k in ("u_mask", "z", "u_mix")))
+            return out[0].float().cpu().numpy()
+
+        clf_module = _trt_classifier(ctx)
+
+        def clf(x):
+            with torch.no_grad():
+                return clf_module(torch.from_numpy(x).to(dev)).float().cpu().numpy()
+
+        return Backend(name, "cuda", "fp16 autocast", "cuda-fp16", pipe, clf,
+                       f"Torch-TensorRT {trt_export.version()}, {path.name}; bare classifier compiled the same way", warmup=3)
+    raise Skip(f"unknown backend {name}")
+
+
+def _gpu_session(ctx: Context, path: Path, name: str, pipeline: bool):
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if name == "ort-cuda-fp32":
+        try:
+            return ort.InferenceSession(str(path), so, providers=[("CUDAExecutionProvider", {"use_tf32": "0"})])
+        except Exception:  # noqa: BLE001  (older onnxruntime-gpu without the option)
+            return ort.InferenceSession(str(path), so, providers=["CUDAExecutionProvider"])
+    names = [i.name for i in onnx.load(str(path), load_external_data=False).graph.input]
+    s = ctx.model.size
+
+    def shapes(n, k):
+        rt = ctx.model.rt.input_shapes(n, k)
+        dims = {nm: (n, 3, s, s) if nm == "images" else rt[nm] for nm in names}
+        return ",".join(f"{nm}:{'x'.join(map(str, dims[nm]))}" for nm in names)
+
+    hi_k = ctx.max_k if pipeline else 1
+    opts = {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(ctx.work / "trt"),
+            "trt_profile_min_shapes": shapes(1, 1), "trt_profile_opt_shapes": shapes(min(64, ctx.max_batch), 1),
+            "trt_profile_max_shapes": shapes(ctx.max_batch, hi_k)}
+    return ort.InferenceSession(str(path), so, providers=[("TensorrtExecutionProvider", opts), "CUDAExecutionProvider"])
+
+
+def _trt_classifier(ctx: Context):
+    import copy
+
+    import torch
+    import torch_tensorrt
+
+    from export.tensorrt import _precision_kwargs
+
+    s, hi = ctx.model.size, max(2, ctx.max_batch)
+    clf = copy.deepcopy(ctx.model.pipeline.classifier).cuda().eval()
+    example = torch.rand(2, 3, s, s, device="cuda")
+    program = torch.export.export(clf, (example,), dynamic_shapes=({0: torch.export.Dim("N", min=1, max=hi)},))
+    spec = torch_tensorrt.Input(min_shape=(1, 3, s, s), opt_shape=(min(64, hi), 3, s, s), max_shape=(hi, 3, s, s),
+                                dtype=torch.float32)
+    compile_fn = torch_tensorrt.dynamo.compile
+    return compile_fn(program, arg_inputs=[spec], min_block_size=1, **_precision_kwargs(compile_fn))
+
+
+# ------------------------------------------------------------------------------------------ timing
+def time_cell(call: Callable, make: Callable[[], tuple], preset: Preset, deadline: float, warmup: int = 2) -> dict:
+    """Latencies of ``call`` on fresh inputs: ``warmup`` untimed calls, then enough repeats to fill ``target_s``
+    (at least ``min_reps``, or 5 for calls over 0.5 s; at most ``max_reps``); past ``deadline`` it stops after 3."""
+    est = 0.0
+    for _ in range(max(1, warmup)):
+        args = make()
+        t = time.perf_counter()
+        call(*args)
+        est = time.perf_counter() - t
+    min_reps = preset.min_reps if est < 0.5 else min(preset.min_reps, 5)
+    reps = int(min(preset.max_reps, max(min_reps, math.ceil(preset.target_s / max(est, 1e-6)))))
+    lat = []
+    for i in range(reps):
+        if i >= 3 and time.perf_counter() > deadline:
+            break
+        args = make()
+        t = time.perf_counter()
+        call(*args)
+        lat.append(time.perf_counter() - t)
+    return {"reps": len(lat), "warmup": max(1, warmup), **loadgen.latency_summary(lat)}
+
+
+def model_level(ctx: Context, names, preset: Preset, peaks: dict, flops: dict, inputs: Inputs, deadline: float,
+                log: Callable) -> dict:
+    """Every backend x part x K x batch; batch-major, so a budget cut drops the largest batches of every backend."""
+    backends: dict[str, dict] = {}
+    ready: dict[str, Backend] = {}
+    for name in names:
+        t = time.perf_counter()
+        try:
+            b = setup_backend(name, ctx)
+        except Skip as e:
+            backends[name] = {"status": "skipped", "reason": str(e)}
+            log(f"  {name}: skipped: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001  (one backend failing must not end the benchmark)
+            backends[name] = {"status": "failed", "reason": f"{type(e).__name__}: {e}"[:300]}
+            log(f"  {name}: failed: {type(e).__name__}: {e}"[:300])
+            continue
+        ready[name] = b
+        backends[name] = {"status": "ok", "device": b.device, "precision": b.precision, "peak": b.peak,
+                          "detail": b.detail, "setup_seconds": round(time.perf_counter() - t, 2), "cells": []}
+        if b.classifier_note:
+            backends[name]["classifier_note"] = b.classifier_note
+    plan = [(batch, part, k) for batch in preset.batch_sizes
+            for part, k in [("classifier", 1)] + [("pipeline", k) for k in preset.samples]]
+    for batch, part, k in plan:
+        for name, b in ready.items():
+            cell = {"part": part, "k": k, "batch": batch}
+            if time.perf_counter() > deadline:
+                cell["skipped"] = "time budget"
+                backends[name]["cells"].append(cell)
+                continue
+            fn = b.pipeline if part == "pipeline" else b.classifier
+            if fn is None:
+                cell["skipped"] = b.classifier_note or "not available"
+                backends[name]["cells"].append(cell)
+                continue
+            try:
+                cell.update(time_cell(fn, lambda: inputs(part, batch, k), preset, deadline, b.warmup))
+            except Exception as e:  # noqa: BLE001  (e.g. a shape beyond a TensorRT profile)
+                cell["error"] = f"{type(e).__name__}: {e}"[:300]
+                backends[name]["cells"].append(cell)
+                log(f"  {name} {part} K={k} batch {batch}: error {cell['error'][:120]}")
+                continue
+            p50 = cell["p50_ms"] / 1000
+            cell["images_per_s"] = round(batch / p50, 1)
+            cell["rows_per_s"] = round(batch * k / p50, 1)
+            gflops = cell["images_per_s"] * flops_of(flops, part, k) / 1e9
+            cell["gflops_per_s"] = round(gflops, 2)
+            peak = (peaks.get(b.peak) or {}).get("gflops_per_s")
+            cell["peak_fraction"] = round(gflops / peak, 4) if peak else None
+            backends[name]["cells"].append(cell)
+            log(f"  {name:>14} {part:>10} K={k} batch {batch:>3}: p50 {cell['p50_ms']:8.2f} ms  p99 "
+                f"{cell['p99_ms']:8.2f} ms  {cell['images_per_s']:8.1f} img/s  ({cell['reps']} reps)")
+    return {"backends": backends, **summarize_model_level(backends, preset)}
+
+
+def _cells(backend: dict, part: str, k: int | None = None) -> list[dict]:
+    return [c for c in backend.get("cells", []) if c["part"] == part and (k is None or c["k"] == k) and "p50_ms" in c]
+
+
+def summarize_model_level(backends: dict, preset: Preset) -> dict:
+    """Best throughput per backend (pipeline, K = 1), the best CPU and overall, and the purification overhead."""
+    best_per: dict[str, dict] = {}
+    overhead: dict[str, dict] = {}
+    for name, b in backends.items():
+        pipe = _cells(b, "pipeline", 1)
+        if pipe:
+            c = max(pipe, key=lambda c: c["images_per_s"])
+            best_per[name] = {"backend": name, "device": b["device"], "batch": c["batch"],
+                              "images_per_s": c["images_per_s"], "p50_ms": c["p50_ms"], "peak_fraction": c["peak_fraction"]}
+        clf = {c["batch"]: c for c in _cells(b, "classifier")}
+        rows = {}
+        for c in _cells(b, "pipeline"):
+            if c["batch"] in clf:
+                rows.setdefault(str(c["batch"]), {})[f"k{c['k']}"] = round(c["p50_ms"] / clf[c["batch"]]["p50_ms"], 3)
+        if rows:
+            overhead[name] = rows
+    cpu = [v for v in best_per.values() if v["device"] == "cpu"]
+    return {"best_per_backend": best_per, "best_cpu": max(cpu, key=lambda v: v["images_per_s"]) if cpu else None,
+            "best": max(best_per.values(), key=lambda v: v["images_per_s"]) if best_per else None,
+            "overhead": overhead,
+            "overhead_definition": "p50 latency of the purified pipeline / p50 latency of the bare classifier (same "
+                                   "backend, same batch of images; K samples = K purifications and K classifications)"}
+
+
+def rt_draw_cost(rt: RTConfig, rows: int = 64, reps: int = 5) -> dict:
+    """What drawing the RT inputs costs, outside the timed model calls: one batched draw, and the service's per-row
+    draws (a 128-bit seed per row from OS entropy, then one generator per row)."""
+    from atop_serve.engine import row_seeds, rows_draws
+
+    def best(fn):
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+
+    batched = best(lambda: draw_rt_inputs_numpy(rt, rows, 1))
+    per_row = best(lambda: rows_draws(rt, row_seeds(None, rows)))
+    return {"rows": rows, "batched_us_per_row": round(1e6 * batched / rows, 2),
+            "service_us_per_row": round(1e6 * per_row / rows, 2)}
+
+
+# ------------------------------------------------------------------------------------------ profiles
+LAYOUT = "layout conversions (inserted by ONNX Runtime)"
+UNATTRIBUTED = "unattributed"
+
+
+def graph_components(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """From the exporter's module-scope metadata (``namespace``): node name -> component and tensor name -> the
+    component of the node producing it; components purifier, classifier, RT and glue. Nodes without the metadata
+    (a quantised copy of the graph has none) are left out."""
+    import onnx
+
+    nodes, tensors = {}, {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        ns = next((p.value for p in node.metadata_props if p.key == "namespace"), None)
+        if ns is None:
+            continue
+        scope = ns.split("/")[1].split(":")[0] if "/" in ns else ""
+        comp = "purifier" if scope.endswith("purifier") else "classifier" if scope.endswith("classifier") else "RT and glue"
+        nodes[node.name] = comp
+        for t in node.output:
+            tensors[t] = comp
+    return nodes, tensors
+
+
+_SUFFIX = re.compile(r"(_token_\d+|/duplicated|_nchwc|_QuantizeLinear|_DequantizeLinear|_Output|_quantized)$")
+
+
+def _component(name: str, nodes: dict[str, str], tensors: dict[str, str]) -> str:
+    """The component of a node ONNX Runtime profiled: by its name in the exported graph, else after removing the
+    suffixes ONNX Runtime's rewrites and the quantiser add (``_token_7``, ``_nchwc``, ``_DequantizeLinear``, ...),
+    as a node or as the tensor it was made for; fused constants keep the module path in their names."""
+    base = name
+    while True:
+        if base in nodes:
+            return nodes[base]
+        if base in tensors:
+            return tensors[base]
+        stripped = _SUFFIX.sub("", base)
+        if stripped == base:
+            break
+        base = stripped
+    for comp in ("purifier", "classifier"):
+        if f"pipeline.{comp}" in name:
+            return comp
+    if name.startswith(("Reorder", "Transpose")):
+        return LAYOUT
+    return UNATTRIBUTED
+
+
+def ort_profile(path: Path, inputs: Inputs, batch: int, threads: int, work: Path, reps: int = 5) -> dict:
+    """ONNX Runtime's own profile of the pipeline graph at ``batch`` (K = 1): kernel time per operator type and per
+    model component (purifier, classifier, RT and glue), as shares of the summed kernel time."""
+    import onnxruntime as ort
+
+    from atop_serve.engine import feed_for
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_profiling = True
+    so.profile_file_prefix = str(work / f"ort-profile-{path.stem}")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    x, d = inputs("pipeline", batch, 1)
+    sess.run(["probs"], feed_for(names, x, d))
+    wall = []
+    for _ in range(reps):
+        x, d = inputs("pipeline", batch, 1)
+        t = time.perf_counter()
+        sess.run(["probs"], feed_for(names, x, d))
+        wall.append(time.perf_counter() - t)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    nodes, tensors = graph_components(path.parent / modelio.ONNX_FILE) if (path.parent / modelio.ONNX_FILE).exists() else ({}, {})
+    own_nodes, own_tensors = graph_components(path)
+    nodes, tensors = {**nodes, **own_nodes}, {**tensors, **own_tensors}
+    by_op: dict[str, float] = {}
+    by_comp: dict[str, float] = {}
+    total = 0.0
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        dur = float(e.get("dur", 0))
+        op = e.get("args", {}).get("op_name", "?")
+        node = e["name"][: -len("_kernel_time")]
+        by_op[op] = by_op.get(op, 0.0) + dur
+        comp = _component(node, nodes, tensors)
+        by_comp[comp] = by_comp.get(comp, 0.0) + dur
+        total += dur
+    runs = reps + 1
+    share = lambda d: [{"name": k, "share": round(v / total, 4), "ms_per_call": round(v / 1000 / runs, 3)}  # noqa: E731
+                       for k, v in sorted(d.items(), key=lambda kv: -kv[1])] if total else []
+    return {"tool": f"onnxruntime {ort.__version__} profiler (enable_profiling)", "graph": path.name, "batch": batch,
+            "k": 1, "calls": runs, "wall_ms_p50": round(1000 * loadgen.percentile(wall, 50), 3),
+            "kernel_ms_per_call": round(total / 1000 / runs, 3), "by_op_type": share(by_op)[:12],
+            "by_component": share(by_comp)}
+
+
+def torch_profile(backend: Backend, inputs: Inputs, batch: int, reps: int = 3) -> dict:
+    """torch.profiler: self CPU time per aten operator for the eager pipeline at ``batch`` (K = 1)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    x, d = inputs("pipeline", batch, 1)
+    backend.pipeline(x, d)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            x, d = inputs("pipeline", batch, 1)
+            backend.pipeline(x, d)
+    avgs = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in avgs)
+    top = sorted(avgs, key=lambda e: -e.self_cpu_time_total)[:12]
+    return {"tool": f"torch.profiler ({torch.__version__})", "backend": backend.name, "batch": batch, "k": 1,
+            "calls": reps, "by_op_type": [{"name": e.key, "share": round(e.self_cpu_time_total / total, 4),
+                                           "ms_per_call": round(e.self_cpu_time_total / 1000 / reps, 3)} for e in top]}
+
+
+# ------------------------------------------------------------------------------------------ HTTP level
+def http_level(cfg: BenchConfig, preset: Preset, folder: Path, work: Path, deadline: float, model_rows_per_s: dict,
+               log: Callable) -> dict:
+    """Start a server per batching candidate (or use ``cfg.url``), drive it at each concurrency, choose the batching."""
+    from atop_serve import settings as settings_mod
+
+    defaults = settings_mod.Settings()
+    payloads, source = loadgen.load_images(cfg.data, n=preset.http_images, seed=cfg.seed)
+    out: dict = {"images": source, "endpoint": "/classify", "samples": 1, "client": "training.loadgen (httpx.AsyncClient, "
+                 "one task per in-flight request, on this machine: it shares the CPU with the server)", "runs": []}
+    candidates = [None] if cfg.url else list(preset.batching or (defaults.max_batch_size,))
+    latency_ms = defaults.max_latency_ms
+    levels = list(preset.concurrency)
+    for i, mbs in enumerate(candidates):
+        left = deadline - time.perf_counter()
+        need = 10 + 3 * len(levels)
+        if left < need:
+            out["runs"].append({"max_batch_size": mbs, "skipped": f"time budget ({left:.0f} s left, about {need} s needed)"})
+            continue
+        run: dict = {"max_batch_size": mbs, "max_latency_ms": latency_ms if mbs else None, "levels": []}
+        env = {"ATOP_MAX_BATCH_SIZE": str(mbs), "ATOP_MAX_LATENCY_MS": str(latency_ms)} if mbs else {}
+        try:
+            if cfg.url:
+                run["levels"] = _drive_levels(cfg.url, payloads, levels, preset, deadline, len(candidates) - i, log)
+                run["server"] = _server_info(cfg.url)
+                run["max_batch_size"] = run["server"].get("batching", {}).get("max_batch_size")
+                run["max_latency_ms"] = run["server"].get("batching", {}).get("max_latency_ms")
+            else:
+                log_path = work / f"serve-batch{mbs}.log"
+                with loadgen.serve(folder, env, log=log_path, ready_timeout_s=120) as server:
+                    run["startup_s"] = round(server.startup_s, 2)
+                    run["server"] = _server_info(server.url)
+                    log(f"  server up in {server.startup_s:.1f} s (ATOP_MAX_BATCH_SIZE={mbs}, "
+                        f"ATOP_MAX_LATENCY_MS={latency_ms})")
+                    run["levels"] = _drive_levels(server.url, payloads, levels, preset, deadline,
+                                                  len(candidates) - i, log)
+                run["server_log_tracebacks"] = log_path.read_text(errors="replace").count("Traceback")
+        except AtopError as e:
+            run["error"] = str(e)[-1500:]
+            log(f"  server with max_batch_size {mbs}: {str(e).splitlines()[0]}")
+        out["runs"].append(run)
+    out["choice"] = choose_batching(out["runs"], defaults, model_rows_per_s)
+    return out
+
+
+def _server_info(url: str) -> dict:
+    import httpx
+
+    try:
+        meta = httpx.get(url + "/metadata", timeout=30, trust_env=False).json()["serving"]
+        return {k: meta.get(k) for k in ("backend", "providers", "batching", "limits", "versions")}
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+
+
+def _drive_levels(url, payloads, levels, preset: Preset, deadline: float, runs_left: int, log) -> list[dict]:
+    warm = loadgen.run_load(url, payloads, min(8, max(levels)), 16, 10.0, seed=1)  # first requests start lazily
+    log(f"    warm-up: {warm.ok}/{warm.sent} ok")
+    out = []
+    for j, c in enumerate(levels):
+        left = deadline - time.perf_counter()
+        share = left / max(1, (len(levels) - j) + (runs_left - 1) * len(levels))
+        secs = max(1.0, min(preset.level_seconds, share - 1.0))
+        if left < 2:
+            out.append({"concurrency": c, "skipped": "time budget"})
+            continue
+        r = loadgen.run_load(url, payloads, c, max(preset.requests, c), secs, seed=c).to_dict()
+        out.append(r)
+        lat = r["latency_ok"]
+        log(f"    concurrency {c:>3}: {r['requests_per_s']:7.1f} req/s  p50 {lat['p50_ms'] or 0:8.1f} ms  p99 "
+            f"{lat['p99_ms'] or 0:8.1f} ms  errors {r['errors']}/{r['sent']}" + (f" {r['error_kinds']}" if r["errors"] else ""))
+    return out
+
+
+def _level(run: dict, c: int) -> dict | None:
+    done = [lv for lv in run.get("levels", []) if "requests_per_s" in lv]
+    if not done:
+        return None
+    exact = [lv for lv in done if lv["concurrency"] == c]
+    return exact[0] if exact else min(done, key=lambda lv: abs(lv["concurrency"] - c))
+
+
+def choose_batching(runs: list[dict], defaults, model_rows_per_s: dict) -> dict:
+    """The batching setting to ship, from the runs: the highest requests/s at concurrency 32 among the candidates
+    without errors (else the fewest errors); max_latency_ms from the measured tail and the largest legal request."""
+    c = BARS["http_concurrency"]
+    scored = []
+    for run in runs:
+        lv = _level(run, c)
+        if lv is None:
+            continue
+        errors = sum(l.get("errors", 0) for l in run["levels"])
+        scored.append((errors, -lv["requests_per_s"], run, lv))
+    if not scored:
+        return {"max_batch_size": None, "max_latency_ms": None, "why": "no HTTP run finished"}
+    scored.sort(key=lambda t: (t[0], t[1]))
+    errors, _, run, lv = scored[0]
+    mbs = run["max_batch_size"]
+    worst_p99 = max((l["latency_ok"]["p99_ms"] or 0) for l in run["levels"] if "latency_ok" in l)
+    rows = defaults.max_images * defaults.max_samples
+    rows_per_s = model_rows_per_s.get(mbs) or (max(model_rows_per_s.values()) if model_rows_per_s else None)
+    rows_per_s = rows_per_s or lv["requests_per_s"]
+    biggest_ms = 1000.0 * rows / rows_per_s if rows_per_s else 0.0
+    latency = int(math.ceil(max(2 * worst_p99, 1.5 * biggest_ms, 1000) / 100.0) * 100)
+    others = ", ".join(f"{t[2]['max_batch_size']}: {t[3]['requests_per_s']:.0f} req/s"
+                       + (f" ({t[0]} errors)" if t[0] else "") for t in scored[1:])
+    why = (f"max_batch_size {mbs}: {'the most' if len(scored) > 1 else ''} requests/s at concurrency "
+           f"{lv['concurrency']} ({lv['requests_per_s']:.0f} req/s, {errors} errors)"
+           + (f" against {others}" if others else " (the only candidate run)")
+           + f". max_latency_ms {latency}: in BentoML 1.4 it is a queueing deadline (503 beyond), so it is set to the "
+           f"largest of 2 x the worst p99 seen in these runs ({worst_p99:.0f} ms), 1.5 x the time of the largest legal "
+           f"request ({defaults.max_images} images x {defaults.max_samples} samples = {rows} rows at about "
+           f"{rows_per_s:.0f} rows/s = {biggest_ms:.0f} ms) and 1 s.")
+    return {"max_batch_size": mbs, "max_latency_ms": latency, "why": why, "errors": errors,
+            "requests_per_s_at_32": lv["requests_per_s"], "worst_p99_ms": worst_p99,
+            "largest_request_ms": round(biggest_ms, 1)}
+
+
+# ------------------------------------------------------------------------------------------ bars, advice
+def evaluate_bars(report: dict) -> list[dict]:
+    ml, http = report.get("model_level") or {}, report.get("http") or {}
+    cores = report["machine"].get("cores")
+    note = "" if cores == BARS["cores"] else f" (bars are set for {BARS['cores']} cores; this machine has {cores})"
+    bars = []
+    best_cpu = ml.get("best_cpu")
+    bars.append({"bar": "purified classification, best CPU backend, best batch (K = 1)",
+                 "target": f">= {BARS['throughput_images_per_s']:.0f} images/s",
+                 "value": best_cpu["images_per_s"] if best_cpu else None,
+                 "detail": (f"{best_cpu['backend']} at batch {best_cpu['batch']}" if best_cpu else "not measured") + note,
+                 "passed": None if not best_cpu else best_cpu["images_per_s"] >= BARS["throughput_images_per_s"]})
+    ratio, detail = None, "not measured"
+    if best_cpu:
+        rows = ml.get("overhead", {}).get(best_cpu["backend"], {})
+        if rows:
+            b = min((int(k) for k in rows), key=lambda v: abs(v - BARS["overhead_at_batch"]))
+            ratio = rows[str(b)].get("k1")
+            detail = f"{best_cpu['backend']}, batch {b}, K = 1" + ("" if b == BARS["overhead_at_batch"] else " (nearest batch measured)")
+    bars.append({"bar": f"purification overhead at batch {BARS['overhead_at_batch']}", "target": f"<= {BARS['overhead_max']}",
+                 "value": ratio, "detail": detail + note, "passed": None if ratio is None else ratio <= BARS["overhead_max"]})
+    share, value, detail = None, None, "not measured"
+    choice = http.get("choice") or {}
+    best = ml.get("best")
+    run = next((r for r in http.get("runs", []) if r.get("max_batch_size") == choice.get("max_batch_size")), None)
+    lv = _level(run, BARS["http_concurrency"]) if run else None
+    if lv and best:
+        share = lv["requests_per_s"] / best["images_per_s"]
+        value = round(share, 3)
+        detail = (f"{lv['requests_per_s']:.0f} req/s at concurrency {lv['concurrency']} (max_batch_size "
+                  f"{run['max_batch_size']}) vs {best['images_per_s']:.0f} images/s ({best['backend']}, batch "
+                  f"{best['batch']}); {lv['errors']} errors of {lv['sent']}")
+    bars.append({"bar": f"HTTP at concurrency {BARS['http_concurrency']}",
+                 "target": f">= {100 * BARS['http_share_min']:.0f} % of the best model-level throughput, 0 errors",
+                 "value": value, "detail": detail + note,
+                 "passed": None if share is None else (share >= BARS["http_share_min"] and lv["errors"] == 0)})
+    return bars
+
+
+def suggestions(report: dict) -> list[str]:
+    """Where the time goes and what would help, for each missed bar, from this run's numbers."""
+    out = []
+    bars = {b["bar"].split(",")[0].split(" at ")[0]: b for b in report["bars"]}
+    ref, ml = report["reference"], report.get("model_level") or {}
+    flops, peaks = ref["flops"], ref["peaks"]
+    prof = report.get("profile") or {}
+    share = lambda items, n=None: ", ".join(f"{o['name']} {100 * o['share']:.0f} %" for o in items[:n])  # noqa: E731
+    where = ""
+    if prof.get("by_op_type"):
+        where = (f"Profile of {prof.get('backend')} at batch {prof.get('batch')} ({prof.get('tool', '')}): "
+                 + (f"by component {share(prof['by_component'])}; " if prof.get("by_component") else "")
+                 + f"by operator {share(prof['by_op_type'], 5)}.")
+    thr = bars.get("purified classification")
+    if thr and thr["passed"] is False:
+        best = ml["best_cpu"]
+        per_image = flops["pipeline"] / 1e9
+        need = BARS["throughput_images_per_s"] * per_image
+        floors = []
+        for key in ("cpu-fp32", "cpu-bf16", "cpu-int8"):
+            pk = (peaks.get(key) or {}).get("gflops_per_s")
+            if pk:
+                floors.append(f"{key} {pk / per_image:,.0f} images/s" + (" (below the bar)" if pk < need else ""))
+        text = [f"Throughput: {best['images_per_s']:,.0f} images/s ({best['backend']}, batch {best['batch']}) uses "
+                f"{100 * (best['peak_fraction'] or 0):.0f} % of this machine's matmul peak in its precision; "
+                f"{BARS['throughput_images_per_s']:.0f} images/s needs {need:,.0f} GFLOP/s ({per_image:.3f} GFLOPs per "
+                f"image). Compute floors (every FLOP at peak): {'; '.join(floors)}."]
+        if where:
+            text.append(where)
+        passes = flops.get("tta_passes") or 1
+        if passes > 1:
+            text.append(f"The classifier's {passes} test-time-augmentation passes ({flops['tta']}) are "
+                        f"{100 * flops['classifier'] / flops['pipeline']:.0f} % of the FLOPs: tta 'none' in the card "
+                        f"divides that part by {passes} (re-check robust accuracy with atop eval).")
+        fixes = []
+        if "int8" not in best["backend"] and not (ml["backends"].get("ort-opt", {}).get("precision", "")).startswith("int8"):
+            fixes.append("ship the int8 variant (atop export builds it; its accuracy gate decides; the int8 peak is "
+                         "the highest on AVX-512 VNNI / AMX CPUs)")
+        fixes += ["serve at the best batch size measured here (max_batch_size)",
+                  "let ONNX Runtime apply ORT_ENABLE_ALL (NCHWc layouts; machine-specific, so online at session start)",
+                  "a narrower purifier or classifier (retrain) where the floor itself is below the bar"]
+        text.append("To try, cheapest first: " + "; ".join(fixes) + ".")
+        out.append(" ".join(text))
+    ovh = bars.get("purification overhead")
+    if ovh and ovh["passed"] is False:
+        out.append(
+            f"Purification overhead {ovh['value']:.2f} ({ovh['detail']}): the purifier is "
+            f"{100 * flops['purifier'] / flops['pipeline']:.0f} % of the pipeline's FLOPs, so an overhead above "
+            f"{flops['pipeline'] / flops['classifier']:.2f} means its kernels run less efficiently than the "
+            "classifier's: gated convolutions (ELU x sigmoid on twice the channels), dilated convolutions and small "
+            "channel counts at 32x32. " + (where + " " if where else "")
+            + "To try: int8 for the purifier's convolutions, fusing the gating activations, fewer or narrower "
+              "dilated layers, and a larger batch (small batches leave the cores idle between layers).")
+    http_bar = bars.get("HTTP")
+    if http_bar and http_bar["passed"] is False:
+        draw = ref.get("rt_draws") or {}
+        served = (ml.get("best_per_backend") or {}).get("ort-fp32")
+        out.append(
+            f"HTTP: {http_bar['detail']}."
+            + (f" The service runs pipeline.onnx (fp32), whose model-level best is {served['images_per_s']:,.0f} "
+               f"images/s (batch {served['batch']})." if served else "")
+            + " Per request the server parses a multipart body, decodes a JPEG, derives a 128-bit seed and draws RT "
+              f"inputs per row ({draw.get('service_us_per_row', '?')} us per row, vs {draw.get('batched_us_per_row', '?')} "
+              "us drawn batched), ships the row to the model worker and back, and waits in BentoML's adaptive batching "
+              "queue; the load generator runs on the same cores. To try: the load generator on another machine, a "
+              "larger max_batch_size while requests/s still rises with it, per-call instead of per-row draws, serving "
+              "pipeline.opt.onnx when the export shipped one, and /classify_batch for clients with several images.")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ entry point
+def run_bench(cfg: BenchConfig, log: Callable = print) -> dict:
+    cfg.validate()
+    preset = cfg.preset()
+    clock = Clock(preset.budget_s)
+    folder = modelio.resolve(None if cfg.model in ("", "default") else cfg.model)
+    import torch
+
+    threads = cfg.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    machine = machine_info()
+    log(f"atop bench ({'quick' if cfg.quick else 'full'}): {folder} on {machine['cpu']}, {machine['cores']} cores, "
+        f"budget {preset.budget_s:.0f} s")
+    model = load_model(folder)
+    report: dict = {"schema": SCHEMA, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "command": cfg.command, "mode": "quick" if cfg.quick else "full", "machine": machine}
+    report["model"] = {"folder": str(folder), "name": model.card.get("name"), "classes": len(model.card["classes"]),
+                       "classifier": model.card["classifier"].get("arch"), "tta": model.tta,
+                       "purifier": model.card["purifier"].get("arch"), "rt": model.rt.to_dict(), "weights": model.weights,
+                       "files": sorted(p.name for p in folder.iterdir() if p.suffix in (".onnx", ".ep", ".safetensors"))}
+    report["config"] = {**{k: v for k, v in asdict(preset).items()}, "threads": threads, "seed": cfg.seed,
+                        "backends_requested": list(cfg.backends) or "all", "url": cfg.url, "http": cfg.http}
+    with tempfile.TemporaryDirectory(prefix="atop-bench-") as tmp:
+        work = Path(tmp)
+        pool, pool_source = image_pool(cfg.data, preset.pool, model.size, cfg.seed)
+        inputs = Inputs(pool, model.rt, cfg.seed)
+        log("reference: FLOPs, matmul peaks, RT draw cost")
+        flops = count_flops(model, preset.samples)
+        kinds = ["cpu-fp32", "cpu-bf16", "cpu-int8"] + (["cuda-fp32", "cuda-fp16"] if torch.cuda.is_available() else [])
+        peaks = matmul_peaks(kinds, preset.peak_n, threads, seconds=0.3 if cfg.quick else 1.5)
+        floor = {k: {"images_per_s": round(v["gflops_per_s"] * 1e9 / flops["pipeline"], 1),
+                     "ms_per_image": round(1000 * flops["pipeline"] / (v["gflops_per_s"] * 1e9), 4)}
+                 for k, v in peaks.items() if v.get("gflops_per_s")}
+        report["reference"] = {
+            "flops": flops, "peaks": peaks, "floor": floor, "rt_draws": rt_draw_cost(model.rt),
+            "floor_definition": "peak / pipeline FLOPs per image (K = 1): the images/s if every FLOP ran at the matmul peak",
+            "diffpure": {**DIFFPURE, "ratio_to_atop": round(DIFFPURE["gflops_per_image"] * 1e9 / flops["pipeline"], 1)}}
+        report["inputs"] = {"pool": pool_source, "per_repeat": "a random choice of pool images and fresh RT draws "
+                            "(draw_rt_inputs_numpy) for every timed call; draws made outside the timer"}
+        names = list(cfg.backends) or list(BACKENDS)
+        ctx = Context(model, work, threads, max(preset.batch_sizes), max(preset.samples), pool, log)
+        log(f"model level: {', '.join(names)}; batch {list(preset.batch_sizes)}, K {list(preset.samples)}")
+        model_deadline = clock.at(preset.model_share if cfg.http else 0.9)
+        report["model_level"] = model_level(ctx, names, preset, peaks, flops, inputs, model_deadline, log)
+        report["profile"] = _profile(report, ctx, inputs, preset, log)
+        report["http"] = None
+        if cfg.http:
+            log("HTTP level")
+            rows_per_s = _ort_rows_per_s(report["model_level"])
+            report["http"] = http_level(cfg, preset, folder, work, clock.at(0.95), rows_per_s, log)
+            best = report["model_level"].get("best")
+            for run in report["http"]["runs"]:
+                for lv in run.get("levels", []):
+                    if "requests_per_s" in lv and best:
+                        lv["share_of_best_model_level"] = round(lv["requests_per_s"] / best["images_per_s"], 4)
+        machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        report["busy"] = busy_note(machine)
+        report["bars"] = evaluate_bars(report)
+        report["suggestions"] = suggestions(report)
+        report["wall_seconds"] = round(clock.elapsed(), 1)
+    return report
+
+
+def _ort_rows_per_s(ml: dict) -> dict:
+    """ort-fp32 (what the service runs) pipeline K = 1 rows/s by batch size: sizes the largest-request estimate."""
+    b = ml["backends"].get("ort-fp32", {})
+    return {c["batch"]: c["rows_per_s"] for c in _cells(b, "pipeline", 1)}
+
+
+def _profile(report: dict, ctx: Context, inputs: Inputs, preset: Preset, log: Callable) -> dict | None:
+    """Where the time goes, for the best CPU backend at the overhead bar's batch size (or the nearest measured)."""
+    best = report["model_level"].get("best_cpu")
+    if not best:
+        return None
+    batch = min(preset.batch_sizes, key=lambda v: abs(v - BARS["overhead_at_batch"]))
+    name = best["backend"]
+    try:
+        if name.startswith("ort"):
+            path = ctx.model.folder / (modelio.ONNX_FILE if name == "ort-fp32" else modelio.OPT_ONNX_FILE)
+            prof = ort_profile(path, inputs, batch, ctx.threads, ctx.work)
+        else:
+            prof = torch_profile(setup_backend(name, ctx), inputs, batch)
+        prof["backend"] = name
+        log(f"profile of {name} at batch {batch}: " + ", ".join(f"{o['name']} {100 * o['share']:.0f} %"
+                                                               for o in prof["by_op_type"][:5]))
+        return prof
+    except Exception as e:  # noqa: BLE001
+        return {"backend": name, "error": f"{type(e).__name__}: {e}"[:300], "by_op_type": []}
+
+
+# ------------------------------------------------------------------------------------------ report files
+def write_report(report: dict, out: Path) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    if plot_latency(report, out / "latency_vs_batch.png"):
+        images.append("latency_vs_batch.png")
+    if plot_http(report, out / "throughput_vs_concurrency.png"):
+        images.append("throughput_vs_concurrency.png")
+    report["files"] = ["report.json", "report.md", *images]
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out / "report.md").write_text(markdown(report, [f"{out.name}/{i}" for i in images]))
+    return {"out": str(out), "files": report["files"]}
+
+
+def _f(v, digits: int = 1, unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}{unit}"
+    return f"{v}{unit}"
+
+
+def markdown(r: dict, images: list[str]) -> str:
+    m, ref, ml = r["machine"], r["reference"], r.get("model_level") or {}
+    flags = ", ".join(f for f, on in m["cpu_flags"].items() if on) or "none of " + ", ".join(CPU_FLAGS)
+    v = m.get("versions", {})
+    L = [f"## Benchmark results: `{r['model']['name']}` on {m['cpu']} ({r['mode']} run, {r['created'][:10]})", ""]
+    if r["mode"] == "quick":
+        L += ["> **Quick run** (`--quick`): small sizes and few repeats, a smoke test; not numbers to publish.", ""]
+    if r.get("busy"):
+        L += [f"> **Warning:** {r['busy']}.", ""]
+    L += ["### Machine", "", "| | |", "|---|---|",
+          f"| CPU | {m['cpu']}, {m['cores']} cores ({m.get('usable_cores')} usable), {m.get('memory_gib', '?')} GiB |",
+          f"| CPU features | {flags} |",
+          f"| GPU | {m.get('gpu') or 'none'} |",
+          f"| load average (1 min) | {m['load_average_start'][0]} at start, {m.get('load_average_end', ['?'])[0]} at end |",
+          f"| software | Python {m['python']}; " + ", ".join(f"{k} {val}" for k, val in v.items()) + " |",
+          f"| ONNX Runtime providers | {', '.join(m.get('onnxruntime_providers', []))} |",
+          f"| model | `{r['model']['folder']}`: {r['model']['purifier']} purifier + {r['model']['classifier']} classifier "
+          f"(TTA {r['model']['tta']}), RT {r['model']['rt']['kind']}; weights: {r['model']['weights']} |",
+          f"| command | `{r['command']}`; {r['wall_seconds']} s |", ""]
+    L += ["### Bars", "", "| bar | target | measured | | detail |", "|---|---|---:|---|---|"]
+    for b in r["bars"]:
+        verdict = {True: "pass", False: "**MISSED**", None: "not measured"}[b["passed"]]
+        val = b["value"]
+        shown = "-" if val is None else (f"{100 * val:.0f} %" if "HTTP" in b["bar"] else f"{val:,.2f}" if val < 100 else f"{val:,.0f}")
+        L.append(f"| {b['bar']} | {b['target']} | {shown} | {verdict} | {b['detail']} |")
+    fl = ref["flops"]
+    L += ["", "### Reference: compute per image and this machine's floor", "",
+          f"FLOPs per image ({fl['counter']}): purifier **{fl['purifier'] / 1e9:.3f} G**, classifier with TTA "
+          f"{fl['tta']} ({fl['tta_passes']} passes) **{fl['classifier'] / 1e9:.3f} G**, purified pipeline "
+          + ", ".join(f"K = {k}: **{n / 1e9:.3f} G**" for k, n in fl["pipeline_per_k"].items()) + ".", "",
+          "| matmul peak | GFLOP/s | how | floor: images/s (K = 1) | floor: ms per image |", "|---|---:|---|---:|---:|"]
+    for k, p in ref["peaks"].items():
+        fv = ref["floor"].get(k, {})
+        L.append(f"| {k} | {_f(p.get('gflops_per_s'))} | {p.get('how', p.get('error', ''))} | "
+                 f"{_f(fv.get('images_per_s'), 0)} | {_f(fv.get('ms_per_image'), 4)} |")
+    dp = ref["diffpure"]
+    draws = ref["rt_draws"]
+    L += ["", f"RT draws (outside the timed calls): {draws['batched_us_per_row']} us per row batched, "
+              f"{draws['service_us_per_row']} us per row as the service draws them (a seed and a generator per row).", "",
+          f"DiffPure (CIFAR-10, t* = 0.1): **{dp['gflops_per_image']:,.0f} GFLOPs per image** = {dp['reverse_steps']} "
+          f"x {dp['score_gflops_per_forward']} (score network) + {dp['classifier_gflops']} (WRN-28-10), "
+          f"**{dp['ratio_to_atop']:,.0f}x** this pipeline's {fl['pipeline'] / 1e9:.3f} GFLOPs (K = 1); derivation in "
+          "docs/benchmarks.md.", ""]
+    L += ["### Model level", "", f"Inputs: {r['inputs']['pool']}; {r['inputs']['per_repeat']}.", "",
+          "| backend | device | precision | status |", "|---|---|---|---|"]
+    for name, b in ml.get("backends", {}).items():
+        L.append(f"| {name} | {b.get('device', '-')} | {b.get('precision', '-')} | "
+                 + (f"ok: {b['detail']}" if b["status"] == "ok" else f"{b['status']}: {b['reason']}") + " |")
+    L += ["", "| backend | part | K | batch | p50 ms | p95 ms | p99 ms | images/s | GFLOP/s | % of peak | reps |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, b in ml.get("backends", {}).items():
+        for c in sorted(b.get("cells", []), key=lambda c: (c["part"], c["k"], c["batch"])):
+            if "p50_ms" not in c:
+                L.append(f"| {name} | {c['part']} | {c['k']} | {c['batch']} | {c.get('skipped') or c.get('error', '')[:60]} "
+                         "| | | | | | |")
+                continue
+            pf = c.get("peak_fraction")
+            L.append(f"| {name} | {c['part']} | {c['k']} | {c['batch']} | {c['p50_ms']:.2f} | {c['p95_ms']:.2f} | "
+                     f"{c['p99_ms']:.2f} | {c['images_per_s']:,.0f} | {c['gflops_per_s']:,.1f} | "
+                     f"{'-' if pf is None else f'{100 * pf:.1f}'} | {c['reps']} |")
+    if ml.get("overhead"):
+        batches = sorted({int(b) for rows in ml["overhead"].values() for b in rows})
+        L += ["", f"Purification overhead ({ml['overhead_definition']}):", "",
+              "| backend | K | " + " | ".join(f"batch {b}" for b in batches) + " |", "|---|---:|" + "---:|" * len(batches)]
+        for name, rows in ml["overhead"].items():
+            for k in sorted({kk for row in rows.values() for kk in row}):
+                L.append(f"| {name} | {k[1:]} | " + " | ".join(_f(rows.get(str(b), {}).get(k), 2) for b in batches) + " |")
+    prof = r.get("profile")
+    if prof and prof.get("by_op_type"):
+        L += ["", f"### Where the time goes: {prof['backend']}, batch {prof['batch']}, K = 1", "",
+              f"{prof['tool']}, {prof['calls']} calls" + (f", {prof['kernel_ms_per_call']} ms of kernel time per call "
+                                                        f"(wall p50 {prof['wall_ms_p50']} ms)" if "kernel_ms_per_call" in prof else "") + ".", ""]
+        if prof.get("by_component"):
+            L += ["| component | share | ms per call |", "|---|---:|---:|"]
+            L += [f"| {o['name']} | {100 * o['share']:.1f} % | {o['ms_per_call']} |" for o in prof["by_component"]]
+            L.append("")
+        L += ["| operator | share | ms per call |", "|---|---:|---:|"]
+        L += [f"| {o['name']} | {100 * o['share']:.1f} % | {o['ms_per_call']} |" for o in prof["by_op_type"]]
+    elif prof and prof.get("error"):
+        L += ["", f"Profile failed: {prof['error']}"]
+    http = r.get("http")
+    if http:
+        L += ["", "### HTTP level", "", f"`bentoml serve` on 127.0.0.1, `{http['endpoint']}` with one image per request "
+              f"(K = {http['samples']}); images: {http['images']}; client: {http['client']}. Each level stops at its "
+              f"request count or time limit.", "",
+              "| max_batch_size | concurrency | requests/s | p50 ms | p95 ms | p99 ms | errors | sent | accuracy | share of best model level |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for run in http["runs"]:
+            if run.get("skipped") or run.get("error"):
+                L.append(f"| {run.get('max_batch_size')} | | {run.get('skipped') or run['error'].splitlines()[0][:80]} | | | | | | | |")
+                continue
+            for lv in run["levels"]:
+                if "requests_per_s" not in lv:
+                    L.append(f"| {run['max_batch_size']} | {lv['concurrency']} | {lv.get('skipped')} | | | | | | | |")
+                    continue
+                lat = lv["latency_ok"]
+                kinds = f" ({', '.join(f'{k}: {n}' for k, n in lv['error_kinds'].items())})" if lv["errors"] else ""
+                L.append(f"| {run['max_batch_size']} | {lv['concurrency']} | {lv['requests_per_s']:,.1f} | {_f(lat['p50_ms'])} | "
+                         f"{_f(lat['p95_ms'])} | {_f(lat['p99_ms'])} | {lv['errors']}{kinds} | {lv['sent']} | "
+                         f"{_f(None if lv['accuracy'] is None else 100 * lv['accuracy'], 1, ' %')} | "
+                         f"{_f(None if lv.get('share_of_best_model_level') is None else 100 * lv['share_of_best_model_level'], 0, ' %')} |")
+        ch = http.get("choice") or {}
+        L += ["", f"**Batching choice:** `ATOP_MAX_BATCH_SIZE={ch.get('max_batch_size')}`, "
+                  f"`ATOP_MAX_LATENCY_MS={ch.get('max_latency_ms')}`. {ch.get('why', '')}"]
+    if r.get("suggestions"):
+        L += ["", "### Missed bars: where the time goes and what to try", ""] + [f"- {s}" for s in r["suggestions"]]
+    if images:
+        L += [""] + [f"![{Path(i).stem}]({i})" for i in images]
+    return "\n".join(L) + "\n"
+
+
+def plot_latency(r: dict, path: Path) -> bool:
+    """p50 latency and images/s vs batch size, a line per backend and part (K = 1 solid pipeline, dashed classifier)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backends = (r.get("model_level") or {}).get("backends", {})
+    series = []
+    for name, b in backends.items():
+        for part, k, style in [("pipeline", kk, "-" if kk == 1 else ":") for kk in sorted({c["k"] for c in _cells(b, "pipeline")})] + [("classifier", 1, "--")]:
+            pts = sorted((c["batch"], c["p50_ms"], c["p95_ms"], c["images_per_s"]) for c in _cells(b, part, k))
+            if pts:
+                series.append((f"{name} {part}" + (f" K={k}" if part == "pipeline" else ""), name, style, pts))
+    if not series:
+        return False
+    colors = {n: f"C{i}" for i, n in enumerate(backends)}
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for label, name, style, pts in series:
+        bs, p50, p95, ips = zip(*pts)
+        a1.errorbar(bs, p50, yerr=[[0] * len(p50), [h - l for l, h in zip(p50, p95)]], ls=style, marker="o", ms=3,
+                    capsize=2, color=colors[name], label=label)
+        a2.plot(bs, ips, ls=style, marker="o", ms=3, color=colors[name], label=label)
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size (images)")
+        ax.grid(alpha=0.3, which="both")
+    a1.set_ylabel("latency per batch, p50 (bar to p95), ms")
+    a2.set_ylabel("images/s (at p50)")
+    a2.axhline(BARS["throughput_images_per_s"], color="gray", ls="-.", lw=1, label="bar: 1000 images/s")
+    a2.legend(fontsize=6, loc="best")
+    fig.suptitle(f"{r['model']['name']} on {r['machine']['cpu']} ({r['machine']['cores']} cores)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def plot_http(r: dict, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    http = r.get("http") or {}
+    runs = [run for run in http.get("runs", []) if any("requests_per_s" in lv for lv in run.get("levels", []))]
+    if not runs:
+        return False
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    for i, run in enumerate(runs):
+        lv = [l for l in run["levels"] if "requests_per_s" in l]
+        cs = [l["concurrency"] for l in lv]
+        label = f"max_batch_size {run['max_batch_size']}"
+        a1.plot(cs, [l["requests_per_s"] for l in lv], marker="o", color=f"C{i}", label=label)
+        a2.plot(cs, [l["latency_ok"]["p50_ms"] or float("nan") for l in lv], marker="o", color=f"C{i}", label=f"{label} p50")
+        a2.plot(cs, [l["latency_ok"]["p99_ms"] or float("nan") for l in lv], marker="x", ls="--", color=f"C{i}", label=f"{label} p99")
+    best = (r.get("model_level") or {}).get("best")
+    if best:
+        a1.axhline(best["images_per_s"], color="gray", ls="-.", lw=1,
+                   label=f"best model level ({best['backend']}, batch {best['batch']})")
+        a1.axhline(BARS["http_share_min"] * best["images_per_s"], color="gray", ls=":", lw=1, label="bar: 50 % of it")
+    for ax in (a1, a2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.grid(alpha=0.3, which="both")
+    a1.set_ylabel("requests/s (1 image, K = 1)")
+    a2.set_ylabel("latency, ms")
+    a2.set_yscale("log")
+    a1.legend(fontsize=7)
+    a2.legend(fontsize=6)
+    fig.suptitle(f"HTTP: bentoml serve on {r['machine']['cpu']} ({r['machine']['cores']} cores)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True

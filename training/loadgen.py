@@ -1,0 +1,308 @@
+"""HTTP load generator for the service, and a `bentoml serve` subprocess to aim it at. No torch.
+
+    with serve(folder, {"ATOP_MAX_BATCH_SIZE": "64"}) as server:         # a real `bentoml serve`, torn down after
+        result = run_load(server.url, load_images(n=500), concurrency=32, max_requests=1000, max_seconds=20)
+
+``run_load`` keeps ``concurrency`` requests in flight (one asyncio task each, on one ``httpx.AsyncClient``) until
+``max_requests`` were sent or ``max_seconds`` passed, whichever comes first: it always stops by itself. Every
+request is counted: an answer other than 200, a transport error or a timeout is an error (by kind), never a
+crash. It only talks to this machine (127.0.0.1, localhost, ::1).
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+from urllib.parse import urlsplit
+
+from atop_serve.errors import AtopError
+
+REPO = Path(__file__).resolve().parents[1]  # bentofile.yaml lives here: `bentoml serve` runs from this folder
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
+MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between order statistics (numpy's default)."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile q must be in [0, 100], got {q}")
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def latency_summary(seconds: Sequence[float]) -> dict:
+    """p50/p95/p99/mean/min/max in milliseconds of a list of durations in seconds (None values if empty)."""
+    keys = ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "min_ms", "max_ms")
+    if not seconds:
+        return {**dict.fromkeys(keys), "n": 0}
+    ms = [1000.0 * s for s in seconds]
+    return {"p50_ms": round(percentile(ms, 50), 3), "p95_ms": round(percentile(ms, 95), 3),
+            "p99_ms": round(percentile(ms, 99), 3), "mean_ms": round(sum(ms) / len(ms), 3),
+            "min_ms": round(min(ms), 3), "max_ms": round(max(ms), 3), "n": len(ms)}
+
+
+# ------------------------------------------------------------------------------------------ payloads
+@dataclass(frozen=True)
+class Payload:
+    name: str
+    data: bytes
+    mime: str = "image/jpeg"
+    label: int | None = None  # class index (sorted class folders) when known
+
+
+def default_data_root() -> Path:
+    """``$ATOP_DATA`` if set, else ``../shared/data/cifar10-jpeg`` beside the checkout (as training.data)."""
+    return Path(os.environ.get("ATOP_DATA", REPO.parent / "shared" / "data" / "cifar10-jpeg"))
+
+
+def load_images(root: str | Path | None = None, n: int = 500, split: str = "test", seed: int = 0) -> tuple[list[Payload], str]:
+    """``n`` real image files from ``<root>/<split>/<class>/*`` (class-balanced, a seeded choice), as bytes with
+    their labels; where the dataset is absent, ``n`` random 32x32 PNGs. Returns (payloads, description of the source)."""
+    split_dir = Path(root or default_data_root()) / split
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir()) if split_dir.is_dir() else []
+    if not classes:
+        if root:
+            raise AtopError(f"no image folders in {split_dir} (expected <root>/{split}/<class>/*.jpg)")
+        return synthetic_images(n, seed), f"{n} random 32x32 PNG images (no dataset at {split_dir})"
+    rng = random.Random(seed)
+    per_class = [sorted(p for p in (split_dir / c).iterdir() if p.suffix.lower() in IMAGE_EXTS) for c in classes]
+    for files in per_class:
+        rng.shuffle(files)
+    chosen: list[Payload] = []
+    i = 0
+    while len(chosen) < n and any(i < len(f) for f in per_class):
+        for label, files in enumerate(per_class):
+            if i < len(files) and len(chosen) < n:
+                p = files[i]
+                chosen.append(Payload(f"{classes[label]}-{p.name}", p.read_bytes(), MIME[p.suffix.lower()], label))
+        i += 1
+    rng.shuffle(chosen)
+    return chosen, f"{len(chosen)} files of {split_dir} (class-balanced, seed {seed})"
+
+
+def synthetic_images(n: int, seed: int = 0) -> list[Payload]:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(Payload(f"random-{i}.png", buf.getvalue(), "image/png"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ load
+def check_local(url: str) -> str:
+    """The URL without a trailing slash; AtopError unless it is http(s) on this machine."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or (parts.hostname or "") not in LOCAL_HOSTS:
+        raise AtopError(f"the load generator only talks to this machine (http://127.0.0.1:<port>), not {url!r}")
+    return url.rstrip("/")
+
+
+@dataclass
+class _Record:
+    start: float
+    seconds: float
+    error: str | None
+    label: int | None
+    predicted: int | None
+
+
+@dataclass
+class LoadResult:
+    url: str
+    endpoint: str
+    concurrency: int
+    samples: int
+    sent: int
+    ok: int
+    errors: int
+    error_kinds: dict[str, int]
+    wall_s: float
+    requests_per_s: float
+    latency_ok: dict
+    latency_all: dict
+    accuracy: float | None  # share of answered labelled requests whose class_id is the label
+    stopped_by: str  # "requests" or "time"
+    first_errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def run_load(url: str, payloads: Sequence[Payload], concurrency: int, max_requests: int, max_seconds: float,
+             endpoint: str = "/classify", samples: int = 1, timeout_s: float = 60.0, seed: int = 0) -> LoadResult:
+    """Drive ``url`` with ``concurrency`` requests in flight until ``max_requests`` were sent or ``max_seconds``
+    passed (requests then in flight finish or time out). Each request posts the next payload (a seeded shuffle)
+    as the ``image`` file field of ``endpoint``."""
+    if concurrency < 1 or max_requests < 1 or max_seconds <= 0:
+        raise AtopError("load: concurrency and max_requests must be >= 1 and max_seconds > 0")
+    if not payloads:
+        raise AtopError("load: no images to send")
+    url = check_local(url)
+    return asyncio.run(_drive(url, list(payloads), concurrency, max_requests, max_seconds, endpoint, samples,
+                              timeout_s, seed))
+
+
+async def _drive(url, payloads, concurrency, max_requests, max_seconds, endpoint, samples, timeout_s, seed) -> LoadResult:
+    import httpx
+
+    order = list(range(len(payloads)))
+    random.Random(seed).shuffle(order)
+    records: list[_Record] = []
+    first_errors: list[str] = []
+    issued = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    form = {"samples": str(samples)} if samples != 1 else None
+    t0 = time.perf_counter()
+    deadline = t0 + max_seconds
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s, trust_env=False) as client:
+
+        async def worker() -> None:
+            nonlocal issued
+            while issued < max_requests and time.perf_counter() < deadline:
+                p = payloads[order[issued % len(order)]]
+                issued += 1
+                start = time.perf_counter()
+                error, detail, predicted = None, "", None
+                try:
+                    r = await client.post(endpoint, files={"image": (p.name, p.data, p.mime)}, data=form)
+                    if r.status_code != 200:
+                        error, detail = f"HTTP {r.status_code}", r.text[:200]
+                    elif endpoint == "/classify":
+                        try:
+                            predicted = int(r.json()["class_id"])
+                        except (ValueError, KeyError, TypeError):
+                            error, detail = "bad answer body", r.text[:200]
+                except httpx.TimeoutException:
+                    error, detail = "timeout", f"no answer within {timeout_s:g} s"
+                except httpx.HTTPError as e:  # transport errors: refused, reset, protocol
+                    error, detail = type(e).__name__, str(e)[:200]
+                if error and len(first_errors) < 5:
+                    first_errors.append(f"{error}: {detail}")
+                records.append(_Record(start - t0, time.perf_counter() - start, error, p.label, predicted))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    ok = [r for r in records if r.error is None]
+    kinds: dict[str, int] = {}
+    for r in records:
+        if r.error:
+            kinds[r.error] = kinds.get(r.error, 0) + 1
+    labelled = [r for r in ok if r.label is not None and r.predicted is not None]
+    return LoadResult(
+        url=url, endpoint=endpoint, concurrency=concurrency, samples=samples, sent=len(records), ok=len(ok),
+        errors=len(records) - len(ok), error_kinds=kinds, wall_s=round(wall, 3),
+        requests_per_s=round(len(ok) / wall, 2) if wall > 0 else 0.0,
+        latency_ok=latency_summary([r.seconds for r in ok]), latency_all=latency_summary([r.seconds for r in records]),
+        accuracy=round(sum(r.label == r.predicted for r in labelled) / len(labelled), 4) if labelled else None,
+        stopped_by="requests" if len(records) >= max_requests else "time", first_errors=first_errors)
+
+
+# ------------------------------------------------------------------------------------------ server
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    log: Path
+    startup_s: float
+    pid: int
+
+    def post(self, path: str, **kw):
+        import httpx
+
+        return httpx.post(self.url + path, timeout=60, **kw)
+
+    def get(self, path: str, **kw):
+        import httpx
+
+        return httpx.get(self.url + path, timeout=60, **kw)
+
+
+@contextmanager
+def serve(model: str | Path, env: dict | None = None, port: int | None = None, log: Path | None = None,
+          ready_timeout_s: float = 60.0) -> Iterator[Server]:
+    """Run ``bentoml serve`` (from the repo root, where bentofile.yaml names the service) on 127.0.0.1 for
+    ``ATOP_MODEL=model``, wait until /readyz answers 200, yield it, then stop the whole process group (SIGTERM,
+    then SIGKILL). ``env`` adds variables to this process's environment minus every ``ATOP_*`` one. AtopError
+    (with the end of the server log) if it exits or is not ready in time."""
+    import httpx
+
+    port = port or free_port()
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("ATOP_")}
+    run_env.update({"ATOP_MODEL": str(model), "BENTOML_DO_NOT_TRACK": "True", **(env or {})})
+    own_log = log is None
+    if own_log:
+        fd, name = tempfile.mkstemp(prefix="atop-serve-", suffix=".log")
+        os.close(fd)
+        log = Path(name)
+    start = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=REPO, env=run_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:
+            if proc.poll() is not None:
+                raise AtopError(f"bentoml serve exited with status {proc.returncode}:\n{_tail(log)}")
+            if time.perf_counter() - start > ready_timeout_s:
+                raise AtopError(f"bentoml serve not ready after {ready_timeout_s:g} s:\n{_tail(log)}")
+            try:
+                if httpx.get(url + "/readyz", timeout=2, trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield Server(url, log, time.perf_counter() - start, proc.pid)
+    finally:
+        stop(proc)
+        if own_log:
+            log.unlink(missing_ok=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a server started by ``serve``: its own process group (it started one), politely, then by force."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _tail(log: Path, chars: int = 3000) -> str:
+    try:
+        return log.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "(no log)"
