@@ -258,6 +258,7 @@ class AtopService:
         adversarial = result.adversarial.tobytes()
         clean_probs, adv_probs = await self._probs([pixels, adversarial], samples, seed)
         x = np.frombuffer(pixels, np.uint8).reshape(result.adversarial.shape)
+        perturbation = demo_attack.perturbation_picture(x, result.adversarial).tobytes()
         bare = AttackPair(clean=self._prediction(demo_attack.softmax(clean_logits)),
                           adversarial=self._prediction(demo_attack.softmax(result.logits)))
         purified = AttackPair(clean=self._prediction(clean_probs), adversarial=self._prediction(adv_probs))
@@ -272,7 +273,7 @@ class AtopService:
                               seconds=round(result.seconds, 3), time_limit_s=SETTINGS.attack_seconds,
                               stopped=result.stopped),
             images=AttackImages(input=self._png_url(pixels), adversarial=self._png_url(adversarial),
-                                perturbation=self._png_url(demo_attack.perturbation_picture(x, result.adversarial).tobytes())))
+                                perturbation=self._png_url(perturbation)))
 
     @bentoml.api(route="/metadata")
     async def metadata(self) -> dict:

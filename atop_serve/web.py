@@ -47,7 +47,7 @@ def _file(path: Path):
 
 
 def _bentoml_docs_page() -> Path | None:
-    """BentoML 1.4's API page (it serves it at / unless a mounted app takes /); None if this BentoML has no such file."""
+    """BentoML 1.4's API page (served at / unless a mounted app takes /); None if this BentoML has no such file."""
     try:
         import _bentoml_impl.server as server
     except ImportError:

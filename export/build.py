@@ -182,7 +182,7 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
 
         # the bare classifier f for the service's attack demo; its graph reads the weights file next to it
         weights = src / card["classifier"].get("file", modelio.CLASSIFIER_FILE)
-        shutil.copy2(weights, tmp / weights.name)
+        shutil.copyfile(weights, tmp / weights.name)  # readable by the service (not the source's mode)
         clf_path, shared = onnx_export.export_classifier(pipeline.classifier, tmp / modelio.CLASSIFIER_ONNX_FILE,
                                                          tmp / weights.name, rt.image_size)
         section["verification"]["classifier"] = verify.verify_classifier(pipeline.classifier, clf_path, vset)
@@ -190,8 +190,9 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
             f"{shared['external_bytes'] / 1e6:.2f} MB read from {weights.name}; verified")
         files[modelio.CLASSIFIER_ONNX_FILE] = {"precision": "fp32", "runtime": "onnxruntime (any provider)",
                                                "role": "bare classifier f (attack demo)", "external_data": shared}
-        files[weights.name] = {"precision": "as trained", "runtime": "safetensors; external data of "
-                               f"{modelio.CLASSIFIER_ONNX_FILE}", "role": "classifier weights"}
+        files[weights.name] = {"precision": {"float16": "fp16"}.get(card["classifier"].get("weights_dtype"), "fp32"),
+                               "runtime": f"safetensors; external data of {modelio.CLASSIFIER_ONNX_FILE}",
+                               "role": "classifier weights"}
 
         if optimize:
             from .optimize import select_variant

@@ -59,21 +59,22 @@ def export_classifier(classifier, out: str | Path, weights: str | Path, size: in
     """Write the bare classifier f (with its test-time augmentation) as an ONNX graph: ``images`` (N, 3, S, S) in
     [0, 1] -> ``logits`` (N, C), dynamic N.
 
-    Its weights are ONNX external data pointing into ``weights`` (the safetensors file of the classifier, which
-    must sit next to ``out`` and stay unchanged): an initializer equal byte for byte to a stored tensor is read
-    from that tensor's byte range instead of being copied (safetensors stores raw little-endian C-order data, the
-    layout ONNX external data requires), so the graph adds a few hundred KB to a serving folder instead of a
-    second copy of the weights. Anything else (small constants, tensors the exporter folded) stays inside.
+    Its weights are ONNX external data pointing into ``weights`` (the safetensors file ``classifier`` was loaded
+    from, which must sit next to ``out`` and stay unchanged) instead of a second copy: safetensors stores raw
+    little-endian C-order tensors, the layout ONNX external data reads. A float32 initializer equal to a stored
+    float32 tensor reads that tensor's byte range; one equal to a stored float16 tensor (weights packed with
+    ``atop pack --half``) reads the float16 bytes and a Cast node makes them float32 again, exactly what loading
+    them into the eager model does. Anything else (small constants, folded tensors) stays inside the graph.
     Returns the path and what was shared: {"file", "sha256", "external_bytes", "inline_bytes"}.
     """
     import onnx
-    from onnx import external_data_helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     from atop_serve.modelio import sha256
 
     out, weights = Path(out), Path(weights)
     if weights.parent.resolve() != out.parent.resolve():
-        raise ValueError(f"{weights} must be in the folder of {out}: ONNX Runtime reads external data next to the graph")
+        raise ValueError(f"{weights} must be in the folder of {out}: ONNX Runtime reads external data beside the graph")
     n = torch.export.Dim("N", min=1, max=65536)
     tmp = out.with_name(out.name + ".tmp")
     with warnings.catch_warnings(), torch.no_grad():
@@ -84,40 +85,70 @@ def export_classifier(classifier, out: str | Path, weights: str | Path, size: in
         )
         program.save(str(tmp))
     model = onnx.load(str(tmp))
-    stored = _safetensors_ranges(weights)
-    shared = inline = 0
+    stored = _stored_tensors(weights)
+    kept, casts, shared, inline = [], [], 0, 0
     for t in model.graph.initializer:
         a = numpy_helper.to_array(t)
-        data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
-        where = stored.get(data) if t.HasField("raw_data") and len(data) >= 1024 else None
-        if where is None:
-            inline += len(data)
+        hit = stored.get(a.astype("<f4").tobytes()) if a.dtype == np.float32 and a.nbytes >= 1024 else None
+        if hit is None:
+            kept.append(t)
+            inline += a.nbytes
             continue
-        external_data_helper.set_external_data(t, location=weights.name, offset=where[0], length=where[1])
-        t.ClearField("raw_data")
-        shared += len(data)
+        data_type, offset, length = hit
+        if data_type == onnx.TensorProto.FLOAT:
+            _read_from(t, weights.name, offset, length)
+            kept.append(t)
+        else:
+            half = onnx.TensorProto(name=f"{t.name}.stored", data_type=data_type, dims=t.dims)
+            _read_from(half, weights.name, offset, length)
+            kept.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [t.name], to=onnx.TensorProto.FLOAT))
+        shared += length
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = casts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     onnx.save(model, str(tmp))
     tmp.replace(out)
     return out, {"file": weights.name, "sha256": sha256(weights), "external_bytes": shared, "inline_bytes": inline}
 
 
-def _safetensors_ranges(path: Path) -> dict[bytes, tuple[int, int]]:
-    """A safetensors file's tensors: raw bytes -> (offset in the file, length). Format: an 8-byte little-endian
-    header length, a JSON header of {name: {dtype, shape, data_offsets: [begin, end]}}, then the data."""
+def _read_from(tensor, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` ONNX external data: ``length`` bytes at ``offset`` of the file ``location`` beside the graph."""
+    import onnx
+
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _stored_tensors(path: Path) -> dict[bytes, tuple[int, int, int]]:
+    """A safetensors file's float32 and float16 tensors: their values as float32 bytes -> (ONNX data type, offset
+    in the file, length). The format: an 8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets: [begin, end]}}, then the data."""
     import json
     import struct
 
+    import onnx
+
+    types = {"F32": ("<f4", onnx.TensorProto.FLOAT), "F16": ("<f2", onnx.TensorProto.FLOAT16)}
     raw = Path(path).read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + header_len])
     base = 8 + header_len
-    ranges: dict[bytes, tuple[int, int]] = {}
+    found: dict[bytes, tuple[int, int, int]] = {}
     for name, entry in header.items():
-        if name == "__metadata__":
+        if name == "__metadata__" or entry.get("dtype") not in types:
             continue
+        dtype, data_type = types[entry["dtype"]]
         begin, end = entry["data_offsets"]
-        ranges.setdefault(raw[base + begin : base + end], (base + begin, end - begin))
-    return ranges
+        values = np.frombuffer(raw[base + begin : base + end], dtype=dtype).astype("<f4")
+        found.setdefault(values.tobytes(), (data_type, base + begin, end - begin))
+    return found
 
 
 def compare(pipeline: PurifiedClassifier, session, images: np.ndarray, k: int = 1, seed: int = 0) -> dict:

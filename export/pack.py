@@ -37,6 +37,9 @@ def pack(src, out: Path, half: bool = True) -> dict:
             card[kind]["weights_dtype"] = "float16" if half else "float32"
         card.pop("export", None)  # an export describes files that are not copied: export the packed folder again
         modelio.write_card(tmp, card)
+        tmp.chmod(0o755)  # mkdtemp makes 0700: a service running as another user must read the folder
+        for f in tmp.iterdir():
+            f.chmod(0o644)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

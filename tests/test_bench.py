@@ -15,6 +15,7 @@ from atop_serve.errors import AtopError
 from training import loadgen
 from training.loadgen import Payload, latency_summary, percentile, run_load
 
+from tests._server import export_folder, serve
 from tests.conftest import make_model_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -28,27 +29,21 @@ def _png(seed: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def serving_folder(tmp_path_factory):
-    """Random weights + pipeline.onnx in place, plus an offline-optimised pipeline.opt.onnx declared shipped."""
-    import torch
-
-    from export.onnx_export import export_onnx
+    """Random weights, pipeline.onnx and classifier.onnx in place (as `atop export` writes them), plus an
+    offline-optimised pipeline.opt.onnx declared shipped."""
     from export.optimize import build_ort_offline
 
-    torch.set_num_threads(1)
-    folder = make_model_folder(tmp_path_factory.mktemp("bench") / "model")
-    export_onnx(modelio.load_pipeline(folder), folder / modelio.ONNX_FILE)
+    folder = export_folder(make_model_folder(tmp_path_factory.mktemp("bench") / "model"))
     build_ort_offline(folder / modelio.ONNX_FILE, folder / modelio.OPT_ONNX_FILE)
     card = modelio.read_card(folder)
-    card["export"] = {"cpu_variant": {"shipped": "ort-offline"}}
+    card.setdefault("export", {})["cpu_variant"] = {"shipped": "ort-offline"}
     modelio.write_card(folder, card)
     return folder
 
 
 @pytest.fixture(scope="module")
 def server(serving_folder, tmp_path_factory):
-    home = tmp_path_factory.mktemp("bentoml-home")
-    env = {"ATOP_ORT_THREADS": "1", "OMP_NUM_THREADS": "1", "BENTOML_HOME": str(home)}
-    with loadgen.serve(serving_folder, env, log=home / "serve.log") as s:
+    with serve(serving_folder, {"ATOP_ORT_THREADS": "1", "OMP_NUM_THREADS": "1"}, tmp_path_factory.mktemp("bentoml")) as s:
         yield s
 
 
@@ -165,6 +160,7 @@ def test_quick_bench_writes_report(serving_folder, tmp_path, monkeypatch):
     if backends["ort-cuda-fp32"]["status"] == "skipped":
         assert backends["ort-cuda-fp32"]["reason"]
     assert backends["ort-opt"]["precision"].startswith("fp32")
+    assert "classifier.onnx from the folder" in backends["ort-fp32"]["detail"]  # the graph `atop export` wrote
     ml = r["model_level"]
     assert ml["best_cpu"]["images_per_s"] > 0 and set(ml["overhead"]["ort-fp32"]["4"]) == {"k1", "k2"}
     assert all(v > 0 for v in ml["overhead"]["ort-fp32"]["4"].values())
@@ -180,6 +176,9 @@ def test_quick_bench_writes_report(serving_folder, tmp_path, monkeypatch):
     for lv in run["levels"]:
         assert lv["sent"] > 0 and lv["errors"] == 0 and lv["requests_per_s"] > 0 and lv["latency_ok"]["p50_ms"] > 0
         assert lv["share_of_best_model_level"] > 0
+        sv = lv["server"]  # the server's own account (/metrics): every request, one row each, in model calls
+        assert sv["requests"] == lv["sent"] and sv["rows"] == lv["sent"] and 1 <= sv["model_calls"] <= lv["sent"]
+        assert sv["request_mean_ms"] > 0 and sv["infer_mean_ms"] > 0 and sv["model_busy_share_est"] > 0
     assert http["choice"]["max_batch_size"] == 64 and http["choice"]["max_latency_ms"] >= 1000 and http["choice"]["why"]
 
     assert [b["passed"] is not None for b in r["bars"]] == [True, True, True]
@@ -188,3 +187,34 @@ def test_quick_bench_writes_report(serving_folder, tmp_path, monkeypatch):
                     "### HTTP level", "**Batching choice:**"):
         assert heading in md, heading
     assert "Quick run" in md and "![latency_vs_batch](bench/latency_vs_batch.png)" in md
+
+
+def test_bench_drives_a_running_server(serving_folder, server):
+    """--url: no server started; the batching in force is read from the server's /metadata."""
+    from training.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(model=str(serving_folder), quick=True, backends=("ort-fp32",), batch_sizes=(1,), samples=(1,),
+                      concurrency=(2,), requests=6, level_seconds=5, url=server.url, threads=1, budget_s=600)
+    r = run_bench(cfg, log=lambda m: None)
+    [run] = r["http"]["runs"]
+    assert run["max_batch_size"] == 64 and run["server"]["backend"] == "onnxruntime" and "startup_s" not in run
+    [level] = run["levels"]
+    assert level["sent"] == 6 and level["errors"] == 0 and level["ok"] == 6
+    assert r["http"]["choice"]["max_batch_size"] == 64
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nowhere/at/all"], "does not exist"),
+    (["--backends", "torch-fp64"], "unknown backend"),
+    (["--batch-sizes", "1,many"], "--batch-sizes must be comma-separated integers"),
+    (["--batching", "1"], "ATOP_MAX_BATCH_SIZE"),
+    (["--url", "http://example.com:3000"], "only talks to this machine"),
+])
+def test_bench_usage_errors_are_one_line(args, message, monkeypatch, capsys):
+    import atop_cli
+
+    monkeypatch.setattr("sys.argv", ["atop", "bench", "--quick", *args])
+    with pytest.raises(SystemExit) as e:
+        atop_cli.main()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err

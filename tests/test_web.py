@@ -264,10 +264,69 @@ def test_bare_classifier_graph(det_folder, tmp_path):
         BareClassifier(copy, card, threads=1)
 
 
+def test_bare_classifier_graph_reads_float16_weights(det_folder, tmp_path):
+    """Weights packed as float16 (`atop pack --half`): the graph reads those bytes and casts them, no copy."""
+    import torch
+
+    from export.onnx_export import export_classifier
+    from export.pack import pack
+
+    packed = tmp_path / "packed"
+    pack(det_folder, packed, half=True)
+    eager = modelio.load_classifier(packed)
+    path, shared = export_classifier(eager, packed / modelio.CLASSIFIER_ONNX_FILE, packed / modelio.CLASSIFIER_FILE)
+    weights = (packed / modelio.CLASSIFIER_FILE).stat().st_size
+    assert path.stat().st_size < 1_000_000 and shared["external_bytes"] > 0.95 * weights
+    x = np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    with torch.no_grad():
+        ref = eager(torch.from_numpy(x.transpose(0, 3, 1, 2) / 255.0).float()).numpy()
+    bare = BareClassifier(packed, modelio.read_card(packed), threads=1)
+    assert np.abs(bare.logits(x) - ref).max() < 1e-5
+
+
+def test_attack_needs_no_torch(det_folder):
+    """The attack demo runs where torch cannot be imported, as in the served process."""
+    import subprocess
+    import sys
+
+    from tests._server import REPO
+
+    script = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # import torch now raises ImportError\n"
+        "import numpy as np\n"
+        "from atop_serve import modelio, web\n"
+        "from atop_serve.demo_attack import BareClassifier, square_attack\n"
+        "bare = BareClassifier(sys.argv[1], modelio.read_card(sys.argv[1]), threads=1)\n"
+        "x = np.zeros((32, 32, 3), np.uint8)\n"
+        "r = square_attack(bare.logits, x, int(bare.logits(x[None])[0].argmax()), max_queries=5)\n"
+        "print(r.queries, len(web.routes()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script, str(det_folder)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    queries, routes = map(int, out.stdout.split())
+    assert 1 <= queries <= 5 and routes >= 3
+
+
+def test_attack_settings():
+    from atop_serve.errors import AtopError
+    from atop_serve.settings import Settings
+
+    s = Settings.from_env({})
+    assert (s.attack_seconds, s.attack_queries) == (5.0, 2000)
+    assert Settings.from_env({"ATOP_ATTACK_SECONDS": "2.5", "ATOP_ATTACK_QUERIES": "300"}).attack_seconds == 2.5
+    for bad in ({"ATOP_ATTACK_SECONDS": "0"}, {"ATOP_ATTACK_SECONDS": "31"}, {"ATOP_ATTACK_SECONDS": "nan"},
+                {"ATOP_ATTACK_SECONDS": "soon"}, {"ATOP_ATTACK_QUERIES": "0"}):
+        with pytest.raises(AtopError, match="ATOP_ATTACK"):
+            Settings.from_env(bad)
+
+
 def test_softmax_and_margin():
     p = demo_attack.softmax(np.array([1000.0, 1000.0, -1000.0]))
     assert np.allclose(p, [0.5, 0.5, 0.0])
-    assert demo_attack.margin(np.array([3.0, 1.0, 2.0]), 0) == 1.0 and demo_attack.margin(np.array([1.0, 3.0]), 0) == -2.0
+    assert demo_attack.margin(np.array([3.0, 1.0, 2.0]), 0) == 1.0
+    assert demo_attack.margin(np.array([1.0, 3.0]), 0) == -2.0
 
 
 # ------------------------------------------------------------------------------------------ in a real browser

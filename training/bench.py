@@ -27,7 +27,7 @@ import platform
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -143,6 +143,9 @@ class BenchConfig:
                 raise AtopError(f"--{name.replace('_', '-')} values must be >= 1")
         if any(v < 2 for v in self.batching):
             raise AtopError("--batching values must be >= 2 (ATOP_MAX_BATCH_SIZE)")
+        for name in ("requests", "level_seconds", "threads", "budget_s"):
+            if getattr(self, name) < 0:
+                raise AtopError(f"--{name.replace('_s', '').replace('_', '-')} must be >= 0 (0: the default)")
         if self.url:
             loadgen.check_local(self.url)
 
@@ -183,7 +186,8 @@ def machine_info() -> dict:
         pass
     info["cpu_flags"] = {f: f in flags for f in CPU_FLAGS}
     try:
-        kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
         info["memory_gib"] = round(kb / 2**20, 1)
     except (OSError, StopIteration, ValueError):
         pass
@@ -212,13 +216,55 @@ def machine_info() -> dict:
     return info
 
 
+class CpuMeter:
+    """How much of the machine's CPU other processes used during the run: busy time of all cores (/proc/stat)
+    minus this process's and its waited-for children's (the servers it started), as a share of all cores."""
+
+    def __init__(self):
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float, float] | None:
+        import resource
+
+        try:
+            f = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError, IndexError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (f[0] + f[1] + f[2] + f[5] + f[6]) / hz  # user nice system irq softirq
+        steal = (f[7] if len(f) > 7 else 0) / hz
+        ours = sum(getattr(resource.getrusage(who), k) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for k in ("ru_utime", "ru_stime"))
+        return time.monotonic(), busy, steal, ours
+
+    def result(self) -> dict:
+        end = self._read()
+        if self.start is None or end is None:
+            return {}
+        wall = max(end[0] - self.start[0], 1e-9)
+        cores = os.cpu_count() or 1
+        others = max(0.0, (end[1] - self.start[1]) - (end[3] - self.start[3]))
+        return {"other_processes_cpu_share": round(others / (wall * cores), 3),
+                "steal_share": round((end[2] - self.start[2]) / (wall * cores), 3),
+                "own_cpu_seconds": round(end[3] - self.start[3], 1)}
+
+
 def busy_note(machine: dict) -> str | None:
-    """A warning when the machine was not quiet: load average above a quarter of the cores at start or end."""
+    """A warning when the machine was not quiet: other processes used over 10 % of all cores during the run (or,
+    where that cannot be measured, the 1-minute load average at start exceeded a quarter of the cores)."""
     cores = machine.get("cores") or 1
-    loads = [machine.get("load_average_start", [0])[0], machine.get("load_average_end", [0])[0]]
-    if max(loads) > 0.25 * cores:
-        return (f"the machine was busy (1-minute load average {loads[0]} at start, {loads[1]} at end, on {cores} "
-                "cores): these numbers understate what it can do; re-run on a quiet machine before publishing")
+    use = machine.get("cpu_during_run") or {}
+    others, steal = use.get("other_processes_cpu_share"), use.get("steal_share") or 0
+    start = machine.get("load_average_start", [0])[0]
+    if others is not None and others + steal > 0.10:
+        return (f"the machine was busy: other processes used {100 * others:.0f} % of its {cores} cores during the run"
+                + (f" and the hypervisor took {100 * steal:.0f} %" if steal > 0.01 else "")
+                + f" (1-minute load average {start} at start): these numbers understate what it can do; re-run on a "
+                  "quiet machine before publishing")
+    if others is None and start > 0.25 * cores:
+        return (f"the machine was busy (1-minute load average {start} at start on {cores} cores): these numbers "
+                "understate what it can do; re-run on a quiet machine before publishing")
     return None
 
 
@@ -298,44 +344,93 @@ def flops_of(flops: dict, part: str, k: int) -> int:
 
 # ------------------------------------------------------------------------------------------ peaks
 def matmul_peaks(kinds, n: int, threads: int, seconds: float = 1.5) -> dict:
-    """Best-of-repeats GFLOP/s of an n x n x n matmul (torch) per kind: cpu-fp32, cpu-bf16, cpu-int8 (torch._int_mm,
-    int8 x int8 -> int32, oneDNN/VNNI), cuda-fp32 (TF32 off), cuda-fp16."""
-    import torch
-
-    torch.set_num_threads(threads)
+    """This machine's matmul peak per kind, GFLOP/s of the best repeat of an n x n x n product: cpu-fp32 and cpu-int8
+    from the faster of torch (MKL / oneDNN: ``matmul``, ``_int_mm`` int8 x int8 -> int32) and ONNX Runtime (MLAS:
+    MatMul, MatMulInteger uint8 x int8 -> int32), which need not pick the same kernels on every CPU; cpu-bf16 from
+    torch; cuda-fp32 (TF32 off) and cuda-fp16 from torch on the GPU."""
     out = {}
     for kind in kinds:
         device, dtype = kind.split("-")
-        try:
-            m = n if device == "cpu" else max(n, 8192)
-            dev = torch.device("cuda" if device == "cuda" else "cpu")
-            if dtype == "int8":
-                a = torch.randint(-128, 128, (m, m), dtype=torch.int8, device=dev)
-                b = torch.randint(-128, 128, (m, m), dtype=torch.int8, device=dev)
-                fn = lambda: torch._int_mm(a, b)  # noqa: E731
-            else:
-                dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-                a, b = torch.randn(m, m, device=dev).to(dt), torch.randn(m, m, device=dev).to(dt)
-                fn = lambda: a @ b  # noqa: E731
-            tf32 = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = False
+        found = {}
+        libs = ("torch", "onnxruntime") if device == "cpu" and dtype in ("fp32", "int8") else ("torch",)
+        for lib in libs:
             try:
-                sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-                fn(), sync()
-                best, reps, t_end = float("inf"), 0, time.perf_counter() + seconds
-                while reps < 3 or (time.perf_counter() < t_end and reps < 50):
-                    t = time.perf_counter()
-                    fn()
-                    sync()
-                    best, reps = min(best, time.perf_counter() - t), reps + 1
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = tf32
-            out[kind] = {"gflops_per_s": round(2 * m**3 / best / 1e9, 1), "n": m, "reps": reps,
-                         "how": f"torch {'_int_mm' if dtype == 'int8' else 'matmul'} {m}x{m}x{m}, best of {reps}"
-                                + (f", {threads} threads" if device == "cpu" else "")}
-        except Exception as e:  # noqa: BLE001  (a dtype this build or CPU cannot do is recorded, not fatal)
-            out[kind] = {"gflops_per_s": None, "error": f"{type(e).__name__}: {e}"[:200]}
+                found[lib] = (_torch_peak if lib == "torch" else _ort_peak)(device, dtype, n, threads, seconds)
+            except Exception as e:  # noqa: BLE001  (a dtype this build or CPU cannot do is recorded, not fatal)
+                found[lib] = {"gflops_per_s": None, "error": f"{type(e).__name__}: {e}"[:200]}
+        ok = {k: v for k, v in found.items() if v.get("gflops_per_s")}
+        if not ok:
+            out[kind] = {"gflops_per_s": None, "error": "; ".join(f"{k}: {v.get('error')}" for k, v in found.items())}
+            continue
+        lib = max(ok, key=lambda k: ok[k]["gflops_per_s"])
+        out[kind] = {"gflops_per_s": ok[lib]["gflops_per_s"], "library": lib,
+                     "how": "; ".join(f"{k} {v['how']}: {v['gflops_per_s']:,.1f}" for k, v in ok.items()),
+                     "by_library": {k: v["gflops_per_s"] for k, v in found.items()}}
     return out
+
+
+def _best_time(fn, seconds: float, sync=lambda: None) -> tuple[float, int]:
+    fn()
+    sync()
+    best, reps, t_end = float("inf"), 0, time.perf_counter() + seconds
+    while reps < 3 or (time.perf_counter() < t_end and reps < 50):
+        t = time.perf_counter()
+        fn()
+        sync()
+        best, reps = min(best, time.perf_counter() - t), reps + 1
+    return best, reps
+
+
+def _torch_peak(device: str, dtype: str, n: int, threads: int, seconds: float) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    m = n if device == "cpu" else max(n, 8192)
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+    if dtype == "int8":
+        a = torch.randint(-128, 128, (m, m), dtype=torch.int8, device=dev)
+        b = torch.randint(-128, 128, (m, m), dtype=torch.int8, device=dev)
+        fn = lambda: torch._int_mm(a, b)  # noqa: E731
+    else:
+        dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        a, b = torch.randn(m, m, device=dev).to(dt), torch.randn(m, m, device=dev).to(dt)
+        fn = lambda: a @ b  # noqa: E731
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        best, reps = _best_time(fn, seconds, torch.cuda.synchronize if device == "cuda" else (lambda: None))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    op = "_int_mm" if dtype == "int8" else "matmul"
+    return {"gflops_per_s": round(2 * m**3 / best / 1e9, 1),
+            "how": f"{op} {m}^3, best of {reps}" + (f", {threads} threads" if device == "cpu" else "")}
+
+
+def _ort_peak(device: str, dtype: str, n: int, threads: int, seconds: float) -> dict:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if dtype == "fp32":
+        types, op = (TensorProto.FLOAT, TensorProto.FLOAT, TensorProto.FLOAT), "MatMul"
+        rng = np.random.default_rng(0)
+        a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+    else:
+        types, op = (TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32), "MatMulInteger"
+        rng = np.random.default_rng(0)
+        a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+        b = rng.integers(-128, 128, (n, n), dtype=np.int8)
+    graph = helper.make_graph([helper.make_node(op, ["A", "B"], ["Y"])], "matmul",
+                              [helper.make_tensor_value_info("A", types[0], [n, n]),
+                               helper.make_tensor_value_info("B", types[1], [n, n])],
+                              [helper.make_tensor_value_info("Y", types[2], [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = {"A": a, "B": b}
+    best, reps = _best_time(lambda: sess.run(None, feed), seconds)
+    return {"gflops_per_s": round(2 * n**3 / best / 1e9, 1), "how": f"{op} {n}^3, best of {reps}, {threads} threads"}
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -346,10 +441,11 @@ def image_pool(data: str | None, n: int, size: int, seed: int) -> tuple[np.ndarr
 
     from PIL import Image
 
-    payloads, source = loadgen.load_images(data, n=n, seed=seed)
-    if payloads and payloads[0].label is None:
+    if not data and not (loadgen.default_data_root() / "test").is_dir():
         rng = np.random.default_rng(seed)
-        return rng.random((n, 3, size, size), dtype=np.float32), f"{n} uniform random images (no dataset found)"
+        return (rng.random((n, 3, size, size), dtype=np.float32),
+                f"{n} uniform random images (no dataset at {loadgen.default_data_root()})")
+    payloads, source = loadgen.load_images(data, n=n, seed=seed)
     arrays = []
     for p in payloads:
         with Image.open(io.BytesIO(p.data)) as im:
@@ -396,6 +492,7 @@ class Context:
         self.model, self.work, self.threads, self.max_batch, self.max_k, self.pool = model, work, threads, max_batch, max_k, pool
         self.log = log
         self._classifier_onnx: Path | None = None
+        self.classifier_source = ""
 
     @property
     def onnx(self) -> Path:
@@ -407,29 +504,24 @@ class Context:
         if self._classifier_onnx is None:
             shipped = self.model.folder / CLASSIFIER_ONNX_FILE
             if shipped.exists() and self.model.weights == FOLDER_WEIGHTS:
-                self._classifier_onnx = shipped
+                import onnx
+
+                # its weights are external data in classifier.safetensors: a self-contained copy, from which the
+                # quantised / offline-optimised variants can be derived in the work folder
+                self._classifier_onnx = self.work / "classifier.onnx"
+                onnx.save(onnx.load(str(shipped)), str(self._classifier_onnx))
+                self.classifier_source = f"{CLASSIFIER_ONNX_FILE} from the folder"
             else:
+                from export.onnx_export import export_classifier
+
                 t = time.perf_counter()
-                self._classifier_onnx = export_classifier_onnx(self.model.pipeline.classifier,
-                                                               self.work / "classifier.onnx", self.model.size)
+                weights = self.work / modelio.CLASSIFIER_FILE  # as `atop export` does it, into the work folder
+                modelio.save_weights(self.model.pipeline.classifier, weights)
+                self._classifier_onnx, _ = export_classifier(self.model.pipeline.classifier,
+                                                             self.work / "classifier.onnx", weights, self.model.size)
+                self.classifier_source = "exported from the PyTorch classifier by the benchmark"
                 self.log(f"  bare classifier exported to ONNX in {time.perf_counter() - t:.1f} s")
         return self._classifier_onnx
-
-
-def export_classifier_onnx(classifier, path: Path, size: int) -> Path:
-    """The bare classifier (with its TTA) as an ONNX graph with a dynamic batch: the ONNX backends' baseline."""
-    import warnings
-
-    import torch
-
-    n = torch.export.Dim("N", min=1, max=65536)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(classifier.eval(), (torch.rand(2, 3, size, size),), input_names=["images"],
-                                    output_names=["logits"], dynamic_shapes=({0: n},), dynamo=True, opset_version=18,
-                                    external_data=False, verbose=False)
-        program.save(str(path))
-    return path
 
 
 def _ort_pipeline_call(sess):
@@ -530,9 +622,16 @@ def setup_backend(name: str, ctx: Context) -> Backend:
         try:
             clf_path = ctx.classifier_onnx()
             if variant == "int8":
+                import logging
+
                 from export.optimize import build_int8
 
-                clf_path = build_int8(clf_path, ctx.work / "classifier.int8.onnx", ctx.pool[:128], m.rt)
+                root = logging.getLogger()
+                level, _ = root.level, root.setLevel(logging.ERROR)  # the quantiser's advice goes to the root logger
+                try:
+                    clf_path = build_int8(clf_path, ctx.work / "classifier.int8.onnx", ctx.pool[:128], m.rt)
+                finally:
+                    root.setLevel(level)
             elif variant:
                 from export.optimize import build_ort_offline
 
@@ -540,8 +639,9 @@ def setup_backend(name: str, ctx: Context) -> Backend:
             clf = _ort_classifier_call(make_session(clf_path, ctx.threads, ("CPUExecutionProvider",)))
         except Exception as e:  # noqa: BLE001  (the pipeline is still timed; the classifier cells say why not)
             note = f"bare classifier graph unavailable: {type(e).__name__}: {e}"[:300]
-        detail = (f"ONNX Runtime {ort.__version__} CPU, {pipe_path.name}, service session options, {ctx.threads} threads"
-                  + ("; bare classifier: the same recipe applied to the classifier graph" if variant else ""))
+        detail = (f"ONNX Runtime {ort.__version__} CPU, {pipe_path.name}, service session options, {ctx.threads} threads; "
+                  f"bare classifier: {ctx.classifier_source or 'none'}"
+                  + (", with the same recipe applied" if variant else ""))
         return Backend(name, "cpu", precision, peak, _ort_pipeline_call(pipe_session), clf, detail, classifier_note=note)
     if not cuda:
         raise Skip("no CUDA GPU on this machine (torch.cuda.is_available() is False)")
@@ -638,7 +738,9 @@ def time_cell(call: Callable, make: Callable[[], tuple], preset: Preset, deadlin
     """Latencies of ``call`` on fresh inputs: ``warmup`` untimed calls, then enough repeats to fill ``target_s``
     (at least ``min_reps``, or 5 for calls over 0.5 s; at most ``max_reps``); past ``deadline`` it stops after 3."""
     est = 0.0
-    for _ in range(max(1, warmup)):
+    for i in range(max(1, warmup)):
+        if i and est > 1.0:  # a long call is its own warm-up
+            break
         args = make()
         t = time.perf_counter()
         call(*args)
@@ -656,9 +758,10 @@ def time_cell(call: Callable, make: Callable[[], tuple], preset: Preset, deadlin
     return {"reps": len(lat), "warmup": max(1, warmup), **loadgen.latency_summary(lat)}
 
 
-def model_level(ctx: Context, names, preset: Preset, peaks: dict, flops: dict, inputs: Inputs, deadline: float,
+def model_level(ctx: Context, names, preset: Preset, flops: dict, inputs: Inputs, deadline: float,
                 log: Callable) -> dict:
-    """Every backend x part x K x batch; batch-major, so a budget cut drops the largest batches of every backend."""
+    """Every backend x part x K x batch, batch-major (a budget cut drops the largest batches of every backend):
+    backend name -> status, precision, detail and cells (latency summary, images/s, rows/s, GFLOP/s)."""
     backends: dict[str, dict] = {}
     ready: dict[str, Backend] = {}
     for name in names:
@@ -702,21 +805,38 @@ def model_level(ctx: Context, names, preset: Preset, peaks: dict, flops: dict, i
             p50 = cell["p50_ms"] / 1000
             cell["images_per_s"] = round(batch / p50, 1)
             cell["rows_per_s"] = round(batch * k / p50, 1)
-            gflops = cell["images_per_s"] * flops_of(flops, part, k) / 1e9
-            cell["gflops_per_s"] = round(gflops, 2)
-            peak = (peaks.get(b.peak) or {}).get("gflops_per_s")
-            cell["peak_fraction"] = round(gflops / peak, 4) if peak else None
+            cell["gflops_per_s"] = round(cell["images_per_s"] * flops_of(flops, part, k) / 1e9, 2)
             backends[name]["cells"].append(cell)
             log(f"  {name:>14} {part:>10} K={k} batch {batch:>3}: p50 {cell['p50_ms']:8.2f} ms  p99 "
                 f"{cell['p99_ms']:8.2f} ms  {cell['images_per_s']:8.1f} img/s  ({cell['reps']} reps)")
-    return {"backends": backends, **summarize_model_level(backends, preset)}
+    return backends
+
+
+def apply_peaks(backends: dict, peaks: dict) -> None:
+    """Each measured cell's GFLOP/s as a fraction of the matmul peak in its backend's precision."""
+    for b in backends.values():
+        peak = (peaks.get(b.get("peak")) or {}).get("gflops_per_s")
+        for c in b.get("cells", []):
+            if "gflops_per_s" in c:
+                c["peak_fraction"] = round(c["gflops_per_s"] / peak, 4) if peak else None
+
+
+def best_peaks(first: dict, second: dict) -> dict:
+    """Peaks measured before and after the model level: the better of the two per kind (a busy moment only lowers
+    a measurement), both recorded."""
+    out = {}
+    for kind in first.keys() | second.keys():
+        a, b = first.get(kind) or {}, second.get(kind) or {}
+        best = max((a, b), key=lambda v: v.get("gflops_per_s") or 0)
+        out[kind] = {**best, "measurements": [a.get("gflops_per_s"), b.get("gflops_per_s")]}
+    return out
 
 
 def _cells(backend: dict, part: str, k: int | None = None) -> list[dict]:
     return [c for c in backend.get("cells", []) if c["part"] == part and (k is None or c["k"] == k) and "p50_ms" in c]
 
 
-def summarize_model_level(backends: dict, preset: Preset) -> dict:
+def summarize_model_level(backends: dict) -> dict:
     """Best throughput per backend (pipeline, K = 1), the best CPU and overall, and the purification overhead."""
     best_per: dict[str, dict] = {}
     overhead: dict[str, dict] = {}
@@ -765,45 +885,53 @@ LAYOUT = "layout conversions (inserted by ONNX Runtime)"
 UNATTRIBUTED = "unattributed"
 
 
-def graph_components(path: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """From the exporter's module-scope metadata (``namespace``): node name -> component and tensor name -> the
-    component of the node producing it; components purifier, classifier, RT and glue. Nodes without the metadata
-    (a quantised copy of the graph has none) are left out."""
+def graph_components(path: Path, known: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """Node name -> component (purifier, classifier, RT and glue) and tensor name -> the component of the node
+    producing it, from the exporter's module-scope metadata (``namespace``). A node without it (the exporter's own
+    decompositions, every node of a quantised copy) takes the component of its first input tensor that has one,
+    looked up in ``known`` (another graph's tensors) too, so components propagate along the graph."""
     import onnx
 
-    nodes, tensors = {}, {}
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
+    nodes, tensors = {}, dict(known or {})
+    for node in onnx.load(str(path), load_external_data=False).graph.node:  # topologically sorted
         ns = next((p.value for p in node.metadata_props if p.key == "namespace"), None)
-        if ns is None:
+        if ns is not None:
+            scope = ns.split("/")[1].split(":")[0] if "/" in ns else ""
+            comp = ("purifier" if scope.endswith("purifier") else "classifier" if scope.endswith("classifier")
+                    else "RT and glue")
+        else:
+            comp = next((c for c in (_lookup(t, tensors) for t in node.input if t) if c), None)
+        if comp is None:
             continue
-        scope = ns.split("/")[1].split(":")[0] if "/" in ns else ""
-        comp = "purifier" if scope.endswith("purifier") else "classifier" if scope.endswith("classifier") else "RT and glue"
         nodes[node.name] = comp
         for t in node.output:
-            tensors[t] = comp
+            tensors.setdefault(t, comp)
     return nodes, tensors
 
 
-_SUFFIX = re.compile(r"(_token_\d+|/duplicated|_nchwc|_QuantizeLinear|_DequantizeLinear|_Output|_quantized)$")
+_SUFFIX = re.compile(r"(_token_\d+|/duplicated|_nchwc|_QuantizeLinear|_DequantizeLinear|_Output|_quantized|_q|_dq)$")
+
+
+def _lookup(name: str, table: dict[str, str]) -> str | None:
+    """``table[name]``, else after removing the suffixes ONNX Runtime's rewrites and the quantiser add one by one."""
+    while True:
+        if name in table:
+            return table[name]
+        stripped = _SUFFIX.sub("", name)
+        if stripped == name:
+            return None
+        name = stripped
 
 
 def _component(name: str, nodes: dict[str, str], tensors: dict[str, str]) -> str:
-    """The component of a node ONNX Runtime profiled: by its name in the exported graph, else after removing the
-    suffixes ONNX Runtime's rewrites and the quantiser add (``_token_7``, ``_nchwc``, ``_DequantizeLinear``, ...),
-    as a node or as the tensor it was made for; fused constants keep the module path in their names."""
-    base = name
-    while True:
-        if base in nodes:
-            return nodes[base]
-        if base in tensors:
-            return tensors[base]
-        stripped = _SUFFIX.sub("", base)
-        if stripped == base:
-            break
-        base = stripped
-    for comp in ("purifier", "classifier"):
-        if f"pipeline.{comp}" in name:
-            return comp
+    """The component of a node ONNX Runtime profiled: by its name (as a node, or as the tensor it was made for,
+    once rewrite suffixes are removed); fused constants keep the module path in their names."""
+    comp = _lookup(name, nodes) or _lookup(name, tensors)
+    if comp:
+        return comp
+    for part in ("purifier", "classifier"):
+        if f"pipeline.{part}" in name:
+            return part
     if name.startswith(("Reorder", "Transpose")):
         return LAYOUT
     return UNATTRIBUTED
@@ -834,9 +962,10 @@ def ort_profile(path: Path, inputs: Inputs, batch: int, threads: int, work: Path
         sess.run(["probs"], feed_for(names, x, d))
         wall.append(time.perf_counter() - t)
     events = json.loads(Path(sess.end_profiling()).read_text())
-    nodes, tensors = graph_components(path.parent / modelio.ONNX_FILE) if (path.parent / modelio.ONNX_FILE).exists() else ({}, {})
-    own_nodes, own_tensors = graph_components(path)
-    nodes, tensors = {**nodes, **own_nodes}, {**tensors, **own_tensors}
+    fp32 = path.parent / modelio.ONNX_FILE  # a quantised copy lost the metadata: map its nodes through the fp32 graph
+    nodes, tensors = graph_components(fp32) if fp32.exists() else ({}, {})
+    own_nodes, own_tensors = graph_components(path, tensors)
+    nodes, tensors = {**own_nodes, **nodes}, {**own_tensors, **tensors}
     by_op: dict[str, float] = {}
     by_comp: dict[str, float] = {}
     total = 0.0
@@ -901,7 +1030,8 @@ def http_level(cfg: BenchConfig, preset: Preset, folder: Path, work: Path, deadl
         env = {"ATOP_MAX_BATCH_SIZE": str(mbs), "ATOP_MAX_LATENCY_MS": str(latency_ms)} if mbs else {}
         try:
             if cfg.url:
-                run["levels"] = _drive_levels(cfg.url, payloads, levels, preset, deadline, len(candidates) - i, log)
+                run["levels"] = _drive_levels(cfg.url, payloads, levels, preset, deadline, len(candidates) - i, log,
+                                              model_rows_per_s)
                 run["server"] = _server_info(cfg.url)
                 run["max_batch_size"] = run["server"].get("batching", {}).get("max_batch_size")
                 run["max_latency_ms"] = run["server"].get("batching", {}).get("max_latency_ms")
@@ -913,7 +1043,7 @@ def http_level(cfg: BenchConfig, preset: Preset, folder: Path, work: Path, deadl
                     log(f"  server up in {server.startup_s:.1f} s (ATOP_MAX_BATCH_SIZE={mbs}, "
                         f"ATOP_MAX_LATENCY_MS={latency_ms})")
                     run["levels"] = _drive_levels(server.url, payloads, levels, preset, deadline,
-                                                  len(candidates) - i, log)
+                                                  len(candidates) - i, log, model_rows_per_s)
                 run["server_log_tracebacks"] = log_path.read_text(errors="replace").count("Traceback")
         except AtopError as e:
             run["error"] = str(e)[-1500:]
@@ -933,7 +1063,9 @@ def _server_info(url: str) -> dict:
         return {"error": f"{type(e).__name__}: {e}"[:200]}
 
 
-def _drive_levels(url, payloads, levels, preset: Preset, deadline: float, runs_left: int, log) -> list[dict]:
+def _drive_levels(url, payloads, levels, preset: Preset, deadline: float, runs_left: int, log,
+                  model_rows_per_s: dict) -> list[dict]:
+    """Warm up, then each concurrency level in turn; with the server's own account of each level (/metrics)."""
     warm = loadgen.run_load(url, payloads, min(8, max(levels)), 16, 10.0, seed=1)  # first requests start lazily
     log(f"    warm-up: {warm.ok}/{warm.sent} ok")
     out = []
@@ -944,12 +1076,40 @@ def _drive_levels(url, payloads, levels, preset: Preset, deadline: float, runs_l
         if left < 2:
             out.append({"concurrency": c, "skipped": "time budget"})
             continue
+        before = loadgen.server_metrics(url)
         r = loadgen.run_load(url, payloads, c, max(preset.requests, c), secs, seed=c).to_dict()
+        r["server"] = _server_side(loadgen.metrics_delta(before, loadgen.server_metrics(url)), r["wall_s"],
+                                   model_rows_per_s)
         out.append(r)
         lat = r["latency_ok"]
         log(f"    concurrency {c:>3}: {r['requests_per_s']:7.1f} req/s  p50 {lat['p50_ms'] or 0:8.1f} ms  p99 "
-            f"{lat['p99_ms'] or 0:8.1f} ms  errors {r['errors']}/{r['sent']}" + (f" {r['error_kinds']}" if r["errors"] else ""))
+            f"{lat['p99_ms'] or 0:8.1f} ms  errors {r['errors']}/{r['sent']}"
+            + (f" {r['error_kinds']}" if r["errors"] else ""))
     return out
+
+
+def _server_side(delta: dict | None, wall_s: float, model_rows_per_s: dict) -> dict | None:
+    """The server's account of a level plus an estimate of how busy the model worker was: its rows at the
+    model-level ONNX Runtime fp32 rate for the nearest measured batch size to its mean rows per call."""
+    if not delta:
+        return None
+    if delta.get("rows_per_call") and model_rows_per_s and wall_s > 0:
+        rate = _interpolate_log(model_rows_per_s, delta["rows_per_call"])
+        delta["model_busy_share_est"] = round(delta["rows"] / rate / wall_s, 3)
+    return delta
+
+
+def _interpolate_log(by_batch: dict, batch: float) -> float:
+    """A rate measured at some batch sizes, at another: linear in log(batch) between the nearest two, clamped."""
+    xs = sorted(by_batch)
+    if batch <= xs[0] or len(xs) == 1:
+        return by_batch[xs[0]]
+    if batch >= xs[-1]:
+        return by_batch[xs[-1]]
+    hi = next(i for i, x in enumerate(xs) if x >= batch)
+    x0, x1 = xs[hi - 1], xs[hi]
+    w = (math.log(batch) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return by_batch[x0] + w * (by_batch[x1] - by_batch[x0])
 
 
 def _level(run: dict, c: int) -> dict | None:
@@ -969,22 +1129,22 @@ def choose_batching(runs: list[dict], defaults, model_rows_per_s: dict) -> dict:
         lv = _level(run, c)
         if lv is None:
             continue
-        errors = sum(l.get("errors", 0) for l in run["levels"])
+        errors = sum(level.get("errors", 0) for level in run["levels"])
         scored.append((errors, -lv["requests_per_s"], run, lv))
     if not scored:
         return {"max_batch_size": None, "max_latency_ms": None, "why": "no HTTP run finished"}
     scored.sort(key=lambda t: (t[0], t[1]))
     errors, _, run, lv = scored[0]
     mbs = run["max_batch_size"]
-    worst_p99 = max((l["latency_ok"]["p99_ms"] or 0) for l in run["levels"] if "latency_ok" in l)
+    worst_p99 = max((level["latency_ok"]["p99_ms"] or 0) for level in run["levels"] if "latency_ok" in level)
     rows = defaults.max_images * defaults.max_samples
-    rows_per_s = model_rows_per_s.get(mbs) or (max(model_rows_per_s.values()) if model_rows_per_s else None)
-    rows_per_s = rows_per_s or lv["requests_per_s"]
+    rows_per_s = (_interpolate_log(model_rows_per_s, mbs or max(model_rows_per_s)) if model_rows_per_s
+                  else lv["requests_per_s"])  # model calls of max_batch_size rows, at the model-level fp32 rate
     biggest_ms = 1000.0 * rows / rows_per_s if rows_per_s else 0.0
     latency = int(math.ceil(max(2 * worst_p99, 1.5 * biggest_ms, 1000) / 100.0) * 100)
     others = ", ".join(f"{t[2]['max_batch_size']}: {t[3]['requests_per_s']:.0f} req/s"
                        + (f" ({t[0]} errors)" if t[0] else "") for t in scored[1:])
-    why = (f"max_batch_size {mbs}: {'the most' if len(scored) > 1 else ''} requests/s at concurrency "
+    why = (f"max_batch_size {mbs}: {'the most requests/s' if len(scored) > 1 else 'requests/s'} at concurrency "
            f"{lv['concurrency']} ({lv['requests_per_s']:.0f} req/s, {errors} errors)"
            + (f" against {others}" if others else " (the only candidate run)")
            + f". max_latency_ms {latency}: in BentoML 1.4 it is a queueing deadline (503 beyond), so it is set to the "
@@ -1070,7 +1230,7 @@ def suggestions(report: dict) -> list[str]:
                         f"{100 * flops['classifier'] / flops['pipeline']:.0f} % of the FLOPs: tta 'none' in the card "
                         f"divides that part by {passes} (re-check robust accuracy with atop eval).")
         fixes = []
-        if "int8" not in best["backend"] and not (ml["backends"].get("ort-opt", {}).get("precision", "")).startswith("int8"):
+        if not ml["backends"].get(best["backend"], {}).get("precision", "").startswith("int8"):
             fixes.append("ship the int8 variant (atop export builds it; its accuracy gate decides; the int8 peak is "
                          "the highest on AVX-512 VNNI / AMX CPUs)")
         fixes += ["serve at the best batch size measured here (max_batch_size)",
@@ -1080,14 +1240,17 @@ def suggestions(report: dict) -> list[str]:
         out.append(" ".join(text))
     ovh = bars.get("purification overhead")
     if ovh and ovh["passed"] is False:
+        best_name = (ml.get("best_cpu") or {}).get("backend", "")
+        is_int8 = ml["backends"].get(best_name, {}).get("precision", "").startswith("int8")
         out.append(
             f"Purification overhead {ovh['value']:.2f} ({ovh['detail']}): the purifier is "
             f"{100 * flops['purifier'] / flops['pipeline']:.0f} % of the pipeline's FLOPs, so an overhead above "
             f"{flops['pipeline'] / flops['classifier']:.2f} means its kernels run less efficiently than the "
             "classifier's: gated convolutions (ELU x sigmoid on twice the channels), dilated convolutions and small "
             "channel counts at 32x32. " + (where + " " if where else "")
-            + "To try: int8 for the purifier's convolutions, fusing the gating activations, fewer or narrower "
-              "dilated layers, and a larger batch (small batches leave the cores idle between layers).")
+            + "To try: " + ("" if is_int8 else "int8 for the purifier's convolutions, ")
+            + "fusing the gating activations, fewer or narrower dilated layers, and a larger batch (small batches "
+              "leave the cores idle between layers).")
     http_bar = bars.get("HTTP")
     if http_bar and http_bar["passed"] is False:
         draw = ref.get("rt_draws") or {}
@@ -1096,6 +1259,7 @@ def suggestions(report: dict) -> list[str]:
             f"HTTP: {http_bar['detail']}."
             + (f" The service runs pipeline.onnx (fp32), whose model-level best is {served['images_per_s']:,.0f} "
                f"images/s (batch {served['batch']})." if served else "")
+            + _server_split(report)
             + " Per request the server parses a multipart body, decodes a JPEG, derives a 128-bit seed and draws RT "
               f"inputs per row ({draw.get('service_us_per_row', '?')} us per row, vs {draw.get('batched_us_per_row', '?')} "
               "us drawn batched), ships the row to the model worker and back, and waits in BentoML's adaptive batching "
@@ -1103,6 +1267,27 @@ def suggestions(report: dict) -> list[str]:
               "larger max_batch_size while requests/s still rises with it, per-call instead of per-row draws, serving "
               "pipeline.opt.onnx when the export shipped one, and /classify_batch for clients with several images.")
     return out
+
+
+def _server_split(report: dict) -> str:
+    """One sentence on where an HTTP request's time went at the bar's concurrency, from the server's /metrics."""
+    http = report.get("http") or {}
+    choice = http.get("choice") or {}
+    run = next((r for r in http.get("runs", []) if r.get("max_batch_size") == choice.get("max_batch_size")), None)
+    lv = _level(run, BARS["http_concurrency"]) if run else None
+    sv = (lv or {}).get("server")
+    if not sv or not sv.get("request_mean_ms"):
+        return ""
+    busy = sv.get("model_busy_share_est")
+    text = (f" At concurrency {lv['concurrency']} the client saw p50 {lv['latency_ok']['p50_ms']:.0f} ms; inside the "
+            f"server a request took {sv['request_mean_ms']:.0f} ms on average, of which the batched model call (queue "
+            f"+ model) {sv['infer_mean_ms']:.0f} ms, in {sv['model_calls']} model calls of {sv['rows_per_call']} rows.")
+    if busy is not None:
+        text += f" The model worker was busy about {100 * busy:.0f} % of the time (estimate): " + (
+            "the bottleneck is outside the model (request handling, transport, the client)." if busy < 0.5 else
+            "the model itself is the bottleneck; faster model calls or larger batches help most." if busy > 0.8 else
+            "both the model and the request handling around it count.")
+    return text
 
 
 # ------------------------------------------------------------------------------------------ entry point
@@ -1116,6 +1301,7 @@ def run_bench(cfg: BenchConfig, log: Callable = print) -> dict:
     threads = cfg.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     machine = machine_info()
+    meter = CpuMeter()
     log(f"atop bench ({'quick' if cfg.quick else 'full'}): {folder} on {machine['cpu']}, {machine['cores']} cores, "
         f"budget {preset.budget_s:.0f} s")
     model = load_model(folder)
@@ -1134,12 +1320,10 @@ def run_bench(cfg: BenchConfig, log: Callable = print) -> dict:
         log("reference: FLOPs, matmul peaks, RT draw cost")
         flops = count_flops(model, preset.samples)
         kinds = ["cpu-fp32", "cpu-bf16", "cpu-int8"] + (["cuda-fp32", "cuda-fp16"] if torch.cuda.is_available() else [])
-        peaks = matmul_peaks(kinds, preset.peak_n, threads, seconds=0.3 if cfg.quick else 1.5)
-        floor = {k: {"images_per_s": round(v["gflops_per_s"] * 1e9 / flops["pipeline"], 1),
-                     "ms_per_image": round(1000 * flops["pipeline"] / (v["gflops_per_s"] * 1e9), 4)}
-                 for k, v in peaks.items() if v.get("gflops_per_s")}
+        peak_s = 0.5 if cfg.quick else 1.5
+        peaks_before = matmul_peaks(kinds, preset.peak_n, threads, peak_s)
         report["reference"] = {
-            "flops": flops, "peaks": peaks, "floor": floor, "rt_draws": rt_draw_cost(model.rt),
+            "flops": flops, "rt_draws": rt_draw_cost(model.rt),
             "floor_definition": "peak / pipeline FLOPs per image (K = 1): the images/s if every FLOP ran at the matmul peak",
             "diffpure": {**DIFFPURE, "ratio_to_atop": round(DIFFPURE["gflops_per_image"] * 1e9 / flops["pipeline"], 1)}}
         report["inputs"] = {"pool": pool_source, "per_repeat": "a random choice of pool images and fresh RT draws "
@@ -1148,7 +1332,20 @@ def run_bench(cfg: BenchConfig, log: Callable = print) -> dict:
         ctx = Context(model, work, threads, max(preset.batch_sizes), max(preset.samples), pool, log)
         log(f"model level: {', '.join(names)}; batch {list(preset.batch_sizes)}, K {list(preset.samples)}")
         model_deadline = clock.at(preset.model_share if cfg.http else 0.9)
-        report["model_level"] = model_level(ctx, names, preset, peaks, flops, inputs, model_deadline, log)
+        backends = model_level(ctx, names, preset, flops, inputs, model_deadline, log)
+        peaks = best_peaks(peaks_before, matmul_peaks(kinds, preset.peak_n, threads, peak_s))
+        apply_peaks(backends, peaks)
+        report["reference"]["peaks"] = peaks
+        report["reference"]["floor"] = {
+            k: {"images_per_s": round(v["gflops_per_s"] * 1e9 / flops["pipeline"], 1),
+                "ms_per_image": round(1000 * flops["pipeline"] / (v["gflops_per_s"] * 1e9), 4)}
+            for k, v in peaks.items() if v.get("gflops_per_s")}
+        report["model_level"] = {"backends": backends, **summarize_model_level(backends)}
+        if any((c.get("peak_fraction") or 0) > 1 for b in backends.values() for c in b.get("cells", [])):
+            report.setdefault("notes", []).append(
+                "some cells exceed the measured matmul peak of their precision: a peak measurement was disturbed "
+                "(busy machine) or the model's kernels beat the plain matmul used as reference; read the fractions "
+                "of peak with care")
         report["profile"] = _profile(report, ctx, inputs, preset, log)
         report["http"] = None
         if cfg.http:
@@ -1161,6 +1358,7 @@ def run_bench(cfg: BenchConfig, log: Callable = print) -> dict:
                     if "requests_per_s" in lv and best:
                         lv["share_of_best_model_level"] = round(lv["requests_per_s"] / best["images_per_s"], 4)
         machine["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        machine["cpu_during_run"] = meter.result()
         report["busy"] = busy_note(machine)
         report["bars"] = evaluate_bars(report)
         report["suggestions"] = suggestions(report)
@@ -1211,7 +1409,7 @@ def write_report(report: dict, out: Path) -> dict:
 
 
 def _f(v, digits: int = 1, unit: str = "") -> str:
-    if v is None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
         return f"{v:,.{digits}f}{unit}"
@@ -1227,11 +1425,17 @@ def markdown(r: dict, images: list[str]) -> str:
         L += ["> **Quick run** (`--quick`): small sizes and few repeats, a smoke test; not numbers to publish.", ""]
     if r.get("busy"):
         L += [f"> **Warning:** {r['busy']}.", ""]
+    for note in r.get("notes", []):
+        L += [f"> **Note:** {note}.", ""]
     L += ["### Machine", "", "| | |", "|---|---|",
           f"| CPU | {m['cpu']}, {m['cores']} cores ({m.get('usable_cores')} usable), {m.get('memory_gib', '?')} GiB |",
           f"| CPU features | {flags} |",
           f"| GPU | {m.get('gpu') or 'none'} |",
-          f"| load average (1 min) | {m['load_average_start'][0]} at start, {m.get('load_average_end', ['?'])[0]} at end |",
+          f"| load average (1 min) | {m['load_average_start'][0]} at start, {m.get('load_average_end', ['?'])[0]} at end "
+          f"(the end includes this run) |",
+          f"| CPU used by other processes during the run | "
+          f"{_f(100 * (m.get('cpu_during_run') or {}).get('other_processes_cpu_share', float('nan')), 0, ' %')} "
+          f"of all cores (hypervisor steal {_f(100 * (m.get('cpu_during_run') or {}).get('steal_share', float('nan')), 0, ' %')}) |",
           f"| software | Python {m['python']}; " + ", ".join(f"{k} {val}" for k, val in v.items()) + " |",
           f"| ONNX Runtime providers | {', '.join(m.get('onnxruntime_providers', []))} |",
           f"| model | `{r['model']['folder']}`: {r['model']['purifier']} purifier + {r['model']['classifier']} classifier "
@@ -1248,8 +1452,9 @@ def markdown(r: dict, images: list[str]) -> str:
           f"FLOPs per image ({fl['counter']}): purifier **{fl['purifier'] / 1e9:.3f} G**, classifier with TTA "
           f"{fl['tta']} ({fl['tta_passes']} passes) **{fl['classifier'] / 1e9:.3f} G**, purified pipeline "
           + ", ".join(f"K = {k}: **{n / 1e9:.3f} G**" for k, n in fl["pipeline_per_k"].items()) + ".", "",
-          "| matmul peak | GFLOP/s | how | floor: images/s (K = 1) | floor: ms per image |", "|---|---:|---|---:|---:|"]
-    for k, p in ref["peaks"].items():
+          "| matmul peak | GFLOP/s | how (best of a measurement before and one after the model level) | "
+          "floor: images/s (K = 1) | floor: ms per image |", "|---|---:|---|---:|---:|"]
+    for k, p in sorted(ref["peaks"].items()):
         fv = ref["floor"].get(k, {})
         L.append(f"| {k} | {_f(p.get('gflops_per_s'))} | {p.get('how', p.get('error', ''))} | "
                  f"{_f(fv.get('images_per_s'), 0)} | {_f(fv.get('ms_per_image'), 4)} |")
@@ -1287,9 +1492,10 @@ def markdown(r: dict, images: list[str]) -> str:
                 L.append(f"| {name} | {k[1:]} | " + " | ".join(_f(rows.get(str(b), {}).get(k), 2) for b in batches) + " |")
     prof = r.get("profile")
     if prof and prof.get("by_op_type"):
+        kernel = (f", {prof['kernel_ms_per_call']} ms of kernel time per call (wall p50 {prof['wall_ms_p50']} ms)"
+                  if "kernel_ms_per_call" in prof else "")
         L += ["", f"### Where the time goes: {prof['backend']}, batch {prof['batch']}, K = 1", "",
-              f"{prof['tool']}, {prof['calls']} calls" + (f", {prof['kernel_ms_per_call']} ms of kernel time per call "
-                                                        f"(wall p50 {prof['wall_ms_p50']} ms)" if "kernel_ms_per_call" in prof else "") + ".", ""]
+              f"{prof['tool']}, {prof['calls']} calls{kernel}.", ""]
         if prof.get("by_component"):
             L += ["| component | share | ms per call |", "|---|---:|---:|"]
             L += [f"| {o['name']} | {100 * o['share']:.1f} % | {o['ms_per_call']} |" for o in prof["by_component"]]
@@ -1303,11 +1509,12 @@ def markdown(r: dict, images: list[str]) -> str:
         L += ["", "### HTTP level", "", f"`bentoml serve` on 127.0.0.1, `{http['endpoint']}` with one image per request "
               f"(K = {http['samples']}); images: {http['images']}; client: {http['client']}. Each level stops at its "
               f"request count or time limit.", "",
-              "| max_batch_size | concurrency | requests/s | p50 ms | p95 ms | p99 ms | errors | sent | accuracy | share of best model level |",
-              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| max_batch_size | concurrency | requests/s | p50 ms | p95 ms | p99 ms | errors | sent | accuracy "
+              "| share of best model level |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for run in http["runs"]:
             if run.get("skipped") or run.get("error"):
-                L.append(f"| {run.get('max_batch_size')} | | {run.get('skipped') or run['error'].splitlines()[0][:80]} | | | | | | | |")
+                why = run.get("skipped") or run["error"].splitlines()[0][:80]
+                L.append(f"| {run.get('max_batch_size')} | | {why} | | | | | | | |")
                 continue
             for lv in run["levels"]:
                 if "requests_per_s" not in lv:
@@ -1315,10 +1522,23 @@ def markdown(r: dict, images: list[str]) -> str:
                     continue
                 lat = lv["latency_ok"]
                 kinds = f" ({', '.join(f'{k}: {n}' for k, n in lv['error_kinds'].items())})" if lv["errors"] else ""
-                L.append(f"| {run['max_batch_size']} | {lv['concurrency']} | {lv['requests_per_s']:,.1f} | {_f(lat['p50_ms'])} | "
-                         f"{_f(lat['p95_ms'])} | {_f(lat['p99_ms'])} | {lv['errors']}{kinds} | {lv['sent']} | "
-                         f"{_f(None if lv['accuracy'] is None else 100 * lv['accuracy'], 1, ' %')} | "
-                         f"{_f(None if lv.get('share_of_best_model_level') is None else 100 * lv['share_of_best_model_level'], 0, ' %')} |")
+                acc, share = lv["accuracy"], lv.get("share_of_best_model_level")
+                L.append(f"| {run['max_batch_size']} | {lv['concurrency']} | {lv['requests_per_s']:,.1f} | "
+                         f"{_f(lat['p50_ms'])} | {_f(lat['p95_ms'])} | {_f(lat['p99_ms'])} | {lv['errors']}{kinds} | "
+                         f"{lv['sent']} | {_f(None if acc is None else 100 * acc, 1, ' %')} | "
+                         f"{_f(None if share is None else 100 * share, 0, ' %')} |")
+        sides = [(run["max_batch_size"], lv["concurrency"], lv["server"]) for run in http["runs"]
+                 for lv in run.get("levels", []) if lv.get("server")]
+        if sides:
+            L += ["", "Server side, from its /metrics (per level): mean time of a request in the public service, mean time "
+                      "of the model service's batched call (queue + model), model calls, rows per call, and how busy the "
+                      "model worker was (estimate: its rows at the model-level ort-fp32 rate).", "",
+                  "| max_batch_size | concurrency | request mean ms | model call mean ms | model calls | rows per call "
+                  "| model busy (est.) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+            for mbs, c, sv in sides:
+                busy = sv.get("model_busy_share_est")
+                L.append(f"| {mbs} | {c} | {_f(sv['request_mean_ms'])} | {_f(sv['infer_mean_ms'])} | {sv['model_calls']} | "
+                         f"{_f(sv['rows_per_call'], 2)} | {_f(None if busy is None else 100 * busy, 0, ' %')} |")
         ch = http.get("choice") or {}
         L += ["", f"**Batching choice:** `ATOP_MAX_BATCH_SIZE={ch.get('max_batch_size')}`, "
                   f"`ATOP_MAX_LATENCY_MS={ch.get('max_latency_ms')}`. {ch.get('why', '')}"]
@@ -1339,7 +1559,8 @@ def plot_latency(r: dict, path: Path) -> bool:
     backends = (r.get("model_level") or {}).get("backends", {})
     series = []
     for name, b in backends.items():
-        for part, k, style in [("pipeline", kk, "-" if kk == 1 else ":") for kk in sorted({c["k"] for c in _cells(b, "pipeline")})] + [("classifier", 1, "--")]:
+        ks = sorted({c["k"] for c in _cells(b, "pipeline")})
+        for part, k, style in [("pipeline", kk, "-" if kk == 1 else ":") for kk in ks] + [("classifier", 1, "--")]:
             pts = sorted((c["batch"], c["p50_ms"], c["p95_ms"], c["images_per_s"]) for c in _cells(b, part, k))
             if pts:
                 series.append((f"{name} {part}" + (f" K={k}" if part == "pipeline" else ""), name, style, pts))
@@ -1349,7 +1570,7 @@ def plot_latency(r: dict, path: Path) -> bool:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     for label, name, style, pts in series:
         bs, p50, p95, ips = zip(*pts)
-        a1.errorbar(bs, p50, yerr=[[0] * len(p50), [h - l for l, h in zip(p50, p95)]], ls=style, marker="o", ms=3,
+        a1.errorbar(bs, p50, yerr=[[0] * len(p50), [hi - lo for lo, hi in zip(p50, p95)]], ls=style, marker="o", ms=3,
                     capsize=2, color=colors[name], label=label)
         a2.plot(bs, ips, ls=style, marker="o", ms=3, color=colors[name], label=label)
     for ax in (a1, a2):
@@ -1380,12 +1601,13 @@ def plot_http(r: dict, path: Path) -> bool:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     for i, run in enumerate(runs):
-        lv = [l for l in run["levels"] if "requests_per_s" in l]
-        cs = [l["concurrency"] for l in lv]
+        done = [level for level in run["levels"] if "requests_per_s" in level]
+        cs = [level["concurrency"] for level in done]
         label = f"max_batch_size {run['max_batch_size']}"
-        a1.plot(cs, [l["requests_per_s"] for l in lv], marker="o", color=f"C{i}", label=label)
-        a2.plot(cs, [l["latency_ok"]["p50_ms"] or float("nan") for l in lv], marker="o", color=f"C{i}", label=f"{label} p50")
-        a2.plot(cs, [l["latency_ok"]["p99_ms"] or float("nan") for l in lv], marker="x", ls="--", color=f"C{i}", label=f"{label} p99")
+        a1.plot(cs, [level["requests_per_s"] for level in done], marker="o", color=f"C{i}", label=label)
+        for q, marker, ls in (("p50", "o", "-"), ("p99", "x", "--")):
+            a2.plot(cs, [level["latency_ok"][f"{q}_ms"] or float("nan") for level in done], marker=marker, ls=ls,
+                    color=f"C{i}", label=f"{label} {q}")
     best = (r.get("model_level") or {}).get("best")
     if best:
         a1.axhline(best["images_per_s"], color="gray", ls="-.", lw=1,

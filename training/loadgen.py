@@ -1,7 +1,10 @@
 """HTTP load generator for the service, and a `bentoml serve` subprocess to aim it at. No torch.
 
+    payloads, source = load_images(n=500)                             # real CIFAR-10 test JPEGs, as bytes
     with serve(folder, {"ATOP_MAX_BATCH_SIZE": "64"}) as server:         # a real `bentoml serve`, torn down after
-        result = run_load(server.url, load_images(n=500), concurrency=32, max_requests=1000, max_seconds=20)
+        before = server_metrics(server.url)
+        result = run_load(server.url, payloads, concurrency=32, max_requests=1000, max_seconds=20)
+        inside = metrics_delta(before, server_metrics(server.url))     # the server's account: model calls, rows, ...
 
 ``run_load`` keeps ``concurrency`` requests in flight (one asyncio task each, on one ``httpx.AsyncClient``) until
 ``max_requests`` were sent or ``max_seconds`` passed, whichever comes first: it always stops by itself. Every
@@ -14,6 +17,7 @@ import asyncio
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -220,6 +224,56 @@ async def _drive(url, payloads, concurrency, max_requests, max_seconds, endpoint
         latency_ok=latency_summary([r.seconds for r in ok]), latency_all=latency_summary([r.seconds for r in records]),
         accuracy=round(sum(r.label == r.predicted for r in labelled) / len(labelled), 4) if labelled else None,
         stopped_by="requests" if len(records) >= max_requests else "time", first_errors=first_errors)
+
+
+# ------------------------------------------------------------------------------------------ server metrics
+_SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)\{(.*)\}\s+(\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def server_metrics(url: str, endpoint: str = "/classify") -> dict[str, float] | None:
+    """Cumulative counters from the server's Prometheus /metrics: time and count of ``endpoint`` requests in the
+    public service, of the model service's batched /infer requests, and adaptive batching's calls and rows.
+    None if they cannot be read."""
+    import httpx
+
+    try:
+        text = httpx.get(check_local(url) + "/metrics", timeout=10, trust_env=False).text
+    except httpx.HTTPError:
+        return None
+    out = dict.fromkeys(("request_s", "requests", "infer_s", "infers", "batch_rows", "batch_calls"), 0.0)
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), dict(_LABEL.findall(m.group(2))), m.group(3)
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        if name in ("bentoml_service_request_duration_seconds_sum", "bentoml_service_request_duration_seconds_count"):
+            which = {("atop", endpoint): "request", ("atop-model", "/infer"): "infer"}.get(
+                (labels.get("service_name"), labels.get("endpoint")))
+            if which:
+                out[f"{which}_s" if name.endswith("_sum") else f"{which}s"] += v
+        elif name == "bentoml_service_adaptive_batch_size_sum":
+            out["batch_rows"] += v
+        elif name == "bentoml_service_adaptive_batch_size_count":
+            out["batch_calls"] += v
+    return out
+
+
+def metrics_delta(before: dict | None, after: dict | None) -> dict | None:
+    """What the server did between two ``server_metrics`` readings: mean request time in the public service, mean
+    time of the model service's /infer (batching queue + model call), model calls and rows per call."""
+    if not before or not after:
+        return None
+    d = {k: after[k] - before[k] for k in after}
+    mean = lambda s, n: round(1000 * d[s] / d[n], 2) if d[n] else None  # noqa: E731
+    return {"requests": int(d["requests"]), "request_mean_ms": mean("request_s", "requests"),
+            "infer_mean_ms": mean("infer_s", "infers"),
+            "model_calls": int(d["batch_calls"]), "rows": int(d["batch_rows"]),
+            "rows_per_call": round(d["batch_rows"] / d["batch_calls"], 2) if d["batch_calls"] else None}
 
 
 # ------------------------------------------------------------------------------------------ server
