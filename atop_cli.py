@@ -19,6 +19,13 @@ train_app = typer.Typer(help="Train the classifier, pre-train the purifier, run 
 app.add_typer(train_app, name="train")
 
 DataOpt = typer.Option("", "--data", help="Dataset root: image-folder tree (<root>/<split>/<class>/*) or cifar-10-batches-py folder. Default: $ATOP_DATA or ../shared/data/cifar10-jpeg.")
+# options shared by the training commands
+LimitOpt = typer.Option(0, help="Train on a class-balanced subset of N images (0: all).")
+SeedOpt = typer.Option(0, help="Random seed.")
+Bf16Opt = typer.Option(True, help="bf16 autocast.")
+DeviceOpt = typer.Option("auto", help="auto, cpu or cuda.")
+ResumeOpt = typer.Option(False, help="Resume from <out>/checkpoint.")
+ProgressOpt = typer.Option(True, help="Show a progress bar.")
 
 
 @app.command()
@@ -47,15 +54,15 @@ def train_classifier(
     lr: float = typer.Option(11.5, help="Learning rate per 1024 examples (airbench scaling)."),
     adversarial: str = typer.Option("none", help="Adversarial training: none, fgsm-rs, pgd (l_inf 8/255)."),
     tta: str = typer.Option("flip-translate", help="Test-time augmentation the model card prescribes: none, flip, flip-translate."),
-    limit: int = typer.Option(0, help="Train on a class-balanced subset of N images (0: all)."),
+    limit: int = LimitOpt,
     eval_n: int = typer.Option(0, help="Class-balanced test images for the final accuracy (0: all 10,000)."),
     stop_after: int = typer.Option(0, help="End this run after N epochs; continue later with --resume (0: run to the end)."),
-    seed: int = typer.Option(0, help="Random seed."),
-    bf16: bool = typer.Option(True, help="bf16 autocast."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    seed: int = SeedOpt,
+    bf16: bool = Bf16Opt,
+    device: str = DeviceOpt,
     data: str = DataOpt,
-    resume: bool = typer.Option(False, help="Resume from <out>/checkpoint."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    resume: bool = ResumeOpt,
+    progress: bool = ProgressOpt,
 ):
     """Train a CIFAR-10 classifier (airbench recipe); checkpoints every epoch; writes a model folder."""
     from training.classifier import ClassifierConfig, train
@@ -88,14 +95,14 @@ def train_purifier(
     batch_size: int = typer.Option(256, help="Global batch size."),
     lr: float = typer.Option(1e-3, help="Adam learning rate of the purifier (cosine-decayed)."),
     gan_weight: float = typer.Option(0.01, help="Weight of the hinge GAN loss relative to L1."),
-    limit: int = typer.Option(0, help="Train on a class-balanced subset of N images (0: all)."),
+    limit: int = LimitOpt,
     eval_n: int = typer.Option(1000, help="Balanced test images for the final clean-accuracy check."),
-    seed: int = typer.Option(0, help="Random seed."),
-    bf16: bool = typer.Option(True, help="bf16 autocast."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    seed: int = SeedOpt,
+    bf16: bool = Bf16Opt,
+    device: str = DeviceOpt,
     data: str = DataOpt,
-    resume: bool = typer.Option(False, help="Resume from <out>/checkpoint."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    resume: bool = ResumeOpt,
+    progress: bool = ProgressOpt,
 ):
     """Pre-train the purifier g on RT-transformed images: hinge GAN loss + L1 reconstruction."""
     _purifier_cmd("pretrain", out, Path(classifier) if classifier != "default" else None, arch=arch, rt=rt, sigma=sigma,
@@ -118,14 +125,14 @@ def train_atop(
     attack_target: str = typer.Option("classifier", help="classifier (the paper's code) or pipeline (through g with fresh RT)."),
     clean_fraction: float = typer.Option(0.5, help="Share of each batch left clean (variant a); the rest adversarial (b)."),
     gan_weight: float = typer.Option(0.01, help="Weight of the hinge GAN loss relative to L1."),
-    limit: int = typer.Option(0, help="Train on a class-balanced subset of N images (0: all)."),
+    limit: int = LimitOpt,
     eval_n: int = typer.Option(1000, help="Balanced test images for the final clean-accuracy check."),
-    seed: int = typer.Option(0, help="Random seed."),
-    bf16: bool = typer.Option(True, help="bf16 autocast."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    seed: int = SeedOpt,
+    bf16: bool = Bf16Opt,
+    device: str = DeviceOpt,
     data: str = DataOpt,
-    resume: bool = typer.Option(False, help="Resume from <out>/checkpoint."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    resume: bool = ResumeOpt,
+    progress: bool = ProgressOpt,
 ):
     """AToP fine-tuning: only the purifier learns, L = l_g(x') + lambda * CE(f(g(RT(x'))), y), classifier frozen."""
     from atop_serve import modelio
@@ -163,7 +170,7 @@ def eval_cmd(
     quantize: bool = typer.Option(False, help="Round adversarial images to 8 bits as the service does (BPDA gradients)."),
     seed: int = typer.Option(0, help="Seed for the subset, random starts and RT draws."),
     bf16: bool = typer.Option(True, help="Attack gradients under bf16 autocast (accuracy is always fp32)."),
-    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    device: str = DeviceOpt,
     data: str = DataOpt,
     out: Optional[Path] = typer.Option(None, help="Report folder: report.json, report.md, plots, per-attack results (resumable)."),
     grid: int = typer.Option(8, help="Images in the clean/adversarial/purified grid."),
