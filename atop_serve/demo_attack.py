@@ -28,7 +28,7 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 
 from .errors import ModelError
-from .modelio import CLASSIFIER_ONNX_FILE, sha256
+from .modelio import CLASSIFIER_ONNX_FILE, check_external_data
 
 EPS_255 = 8  # the demo's budget: l_inf 8/255, the usual CIFAR-10 threat model
 P_INIT = 0.05  # the paper's initial share of pixels a square changes (l_inf)
@@ -142,13 +142,8 @@ class BareClassifier:
         path = Path(folder) / CLASSIFIER_ONNX_FILE
         if not path.exists():
             raise ModelError(f"the model folder has no {CLASSIFIER_ONNX_FILE} (re-export it with `atop export`)")
-        record = ((card.get("export") or {}).get("files") or {}).get(CLASSIFIER_ONNX_FILE) or {}
-        shared = record.get("external_data") or {}
-        if check and shared.get("file"):
-            weights = Path(folder) / shared["file"]
-            if not weights.exists() or sha256(weights) != shared.get("sha256"):
-                raise ModelError(f"{weights.name}, which {CLASSIFIER_ONNX_FILE} reads its weights from, is missing or "
-                                 "differs from the exported one (re-export with `atop export`)")
+        if check:
+            check_external_data(folder, card, CLASSIFIER_ONNX_FILE)
         self.session = make_session(path, threads, providers)
         self.classes = list(card["classes"])
 

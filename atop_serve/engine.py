@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import RTConfig, draw_rt_inputs_numpy
 from .errors import ModelError
-from .modelio import ONNX_FILE, read_card
+from .modelio import ONNX_FILE, check_external_data, read_card
 
 OUTPUTS = ("probs", "logits", "purified", "transformed", "mask")
 View = Literal["purified", "transformed", "mask"]  # the output images a row can return
@@ -202,6 +202,7 @@ def load_engine(folder: Path, threads: int = 0, providers: Sequence[str] = ()) -
     folder = Path(folder)
     card, rt = read_serving_card(folder)
     if (folder / ONNX_FILE).exists():
+        check_external_data(folder, card, ONNX_FILE)
         engine: Engine = OnnxEngine(folder, card, rt, threads, providers)
     else:
         try:

@@ -131,3 +131,14 @@ def load_pipeline(path=None, samples: int = 1, tta: str | None = None):
     for p in classifier.parameters():
         p.requires_grad_(False)
     return PurifiedClassifier(purifier, classifier, rt, samples).eval()
+
+
+def check_external_data(folder, card: dict, graph: str) -> None:
+    """The safetensors files an exported ``graph`` reads its weights from (ONNX external data) must be the ones
+    it was exported with: a changed file would silently change the served function."""
+    record = ((card.get("export") or {}).get("files") or {}).get(graph) or {}
+    for name, digest in ((record.get("external_data") or {}).get("files") or {}).items():
+        weights = Path(folder) / name
+        if not weights.exists() or sha256(weights) != digest:
+            raise ModelError(f"{weights.name}, which {graph} reads its weights from, is missing or differs from "
+                             "the exported one (re-export with `atop export`)")

@@ -169,7 +169,13 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
 
         log(f"exporting {src} -> {out} ({', '.join(targets)})")
         t0 = time.perf_counter()
+        # the graphs read their weights from the safetensors files beside them (no second copy in the folder)
+        weights = {kind: src / card[kind].get("file", default) for kind, default in
+                   (("classifier", modelio.CLASSIFIER_FILE), ("purifier", modelio.PURIFIER_FILE))}
+        for w in weights.values():
+            shutil.copyfile(w, tmp / w.name)  # readable by the service (not the source's mode)
         onnx_path = onnx_export.export_onnx(pipeline, tmp / modelio.ONNX_FILE)
+        pipe_shared = onnx_export.share_weights(onnx_path, [tmp / w.name for w in weights.values()])
         t_onnx = time.perf_counter() - t0
         vset = verify.load_images(verify_n, data, "test", seed)
         log(f"  ONNX graph written in {t_onnx:.1f} s; verifying on {len(vset)} images ({vset.source})")
@@ -177,22 +183,22 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
         log(f"  ONNX Runtime CPU vs PyTorch: max |diff| {ver_onnx['max_abs_diff']:.2e}, "
             f"top-1 agreement {100 * ver_onnx['top1_agreement']:.2f} %"
             + (f", clean accuracy {100 * ver_onnx['accuracy']:.2f} %" if "accuracy" in ver_onnx else ""))
-        files = {modelio.ONNX_FILE: {"precision": "fp32", "runtime": "onnxruntime (any provider)", "role": "pipeline"}}
+        files = {modelio.ONNX_FILE: {"precision": "fp32", "runtime": "onnxruntime (any provider)", "role": "pipeline",
+                                     "external_data": pipe_shared}}
         section: dict = {"formats": list(targets), "verification": {"onnx": ver_onnx}}
 
         # the bare classifier f for the service's attack demo; its graph reads the weights file next to it
-        weights = src / card["classifier"].get("file", modelio.CLASSIFIER_FILE)
-        shutil.copyfile(weights, tmp / weights.name)  # readable by the service (not the source's mode)
+        clf_weights = weights["classifier"]
         clf_path, shared = onnx_export.export_classifier(pipeline.classifier, tmp / modelio.CLASSIFIER_ONNX_FILE,
-                                                         tmp / weights.name, rt.image_size)
+                                                         tmp / clf_weights.name, rt.image_size)
         section["verification"]["classifier"] = verify.verify_classifier(pipeline.classifier, clf_path, vset)
         log(f"  bare classifier graph: {shared['inline_bytes'] / 1e6:.2f} MB inline, "
-            f"{shared['external_bytes'] / 1e6:.2f} MB read from {weights.name}; verified")
+            f"{shared['external_bytes'] / 1e6:.2f} MB read from {clf_weights.name}; verified")
         files[modelio.CLASSIFIER_ONNX_FILE] = {"precision": "fp32", "runtime": "onnxruntime (any provider)",
                                                "role": "bare classifier f (attack demo)", "external_data": shared}
-        files[weights.name] = {"precision": {"float16": "fp16"}.get(card["classifier"].get("weights_dtype"), "fp32"),
-                               "runtime": f"safetensors; external data of {modelio.CLASSIFIER_ONNX_FILE}",
-                               "role": "classifier weights"}
+        for kind, w in weights.items():
+            files[w.name] = {"precision": {"float16": "fp16"}.get(card[kind].get("weights_dtype"), "fp32"),
+                             "runtime": f"safetensors; external data of the ONNX graphs", "role": f"{kind} weights"}
 
         if optimize:
             from .optimize import select_variant

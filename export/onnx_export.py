@@ -84,8 +84,34 @@ def export_classifier(classifier, out: str | Path, weights: str | Path, size: in
             dynamic_shapes=({0: n},), dynamo=True, opset_version=opset, external_data=False, verbose=False,
         )
         program.save(str(tmp))
-    model = onnx.load(str(tmp))
-    stored = _stored_tensors(weights)
+    tmp.replace(out)
+    return out, share_weights(out, [weights])
+
+
+def share_weights(graph: str | Path, weights: list[str | Path]) -> dict:
+    """Rewrite the saved ONNX ``graph`` so that its large float32 initializers read their values from the
+    safetensors ``weights`` files beside it (ONNX external data) instead of holding a second copy.
+
+    safetensors stores raw little-endian C-order tensors, the layout ONNX external data reads. An initializer
+    equal to a stored float32 tensor reads that tensor's byte range; one equal to a stored float16 tensor
+    (``atop pack --half``) reads the float16 bytes and a Cast node makes them float32 again, exactly what
+    loading them into the eager model does. Anything else (small constants, folded tensors) stays inside.
+    Returns {"files": {name: sha256}, "external_bytes", "inline_bytes"}."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from atop_serve.modelio import sha256
+
+    graph = Path(graph)
+    paths = [Path(w) for w in weights]
+    for w in paths:
+        if w.parent.resolve() != graph.parent.resolve():
+            raise ValueError(f"{w} must be in the folder of {graph}: ONNX Runtime reads external data beside the graph")
+    model = onnx.load(str(graph))
+    stored = {}
+    for w in paths:
+        for key, (data_type, offset, length) in _stored_tensors(w).items():
+            stored.setdefault(key, (w.name, data_type, offset, length))
     kept, casts, shared, inline = [], [], 0, 0
     for t in model.graph.initializer:
         a = numpy_helper.to_array(t)
@@ -94,13 +120,13 @@ def export_classifier(classifier, out: str | Path, weights: str | Path, size: in
             kept.append(t)
             inline += a.nbytes
             continue
-        data_type, offset, length = hit
+        location, data_type, offset, length = hit
         if data_type == onnx.TensorProto.FLOAT:
-            _read_from(t, weights.name, offset, length)
+            _read_from(t, location, offset, length)
             kept.append(t)
         else:
             half = onnx.TensorProto(name=f"{t.name}.stored", data_type=data_type, dims=t.dims)
-            _read_from(half, weights.name, offset, length)
+            _read_from(half, location, offset, length)
             kept.append(half)
             casts.append(helper.make_node("Cast", [half.name], [t.name], to=onnx.TensorProto.FLOAT))
         shared += length
@@ -109,9 +135,10 @@ def export_classifier(classifier, out: str | Path, weights: str | Path, size: in
     nodes = casts + list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    tmp = graph.with_name(graph.name + ".tmp")
     onnx.save(model, str(tmp))
-    tmp.replace(out)
-    return out, {"file": weights.name, "sha256": sha256(weights), "external_bytes": shared, "inline_bytes": inline}
+    tmp.replace(graph)
+    return {"files": {w.name: sha256(w) for w in paths}, "external_bytes": shared, "inline_bytes": inline}
 
 
 def _read_from(tensor, location: str, offset: int, length: int) -> None:
