@@ -152,7 +152,7 @@ def eval_cmd(
     model: str = typer.Option("default", help="Model folder ('default': the shipped model); with --preset table7 a comma-separated list."),
     threat: str = typer.Option("classifier", help="Threat model: classifier, pipeline, pipeline-fixed, transfer, bare."),
     source: Optional[str] = typer.Option(None, help="Transfer threat: model folder whose classifier crafts the examples."),
-    attacks: str = typer.Option("clean,fgsm,pgd-20", help="Comma-separated: clean, fgsm, pgd-<k>, pgd-l2-<k>, apgd-ce, apgd-dlr, apgd-t, square, stadv, autoattack, autoattack-rand; options as name@key=value, e.g. pgd-20@eps=4/255@restarts=5."),
+    attacks: str = typer.Option("clean,fgsm,pgd-20", help="Comma-separated: clean, fgsm, pgd-<k>, pgd-l2-<k>, apgd-ce, apgd-dlr, apgd-t, fab-t, square, stadv, autoattack, autoattack-rand; options as name@key=value, e.g. pgd-20@eps=4/255@restarts=5."),
     n: int = typer.Option(1000, help="Class-balanced test images (a fixed subset per seed)."),
     batch_size: int = typer.Option(250, help="Batch size."),
     samples: int = typer.Option(1, help="K purifications averaged per prediction."),
@@ -168,17 +168,18 @@ def eval_cmd(
     rt: Optional[str] = typer.Option(None, help="Override the RT kind: rt1, rt2, rt3 (table7: comma-separated list)."),
     tta: Optional[str] = typer.Option(None, help="Override the classifier TTA: none, flip, flip-translate."),
     quantize: bool = typer.Option(False, help="Round adversarial images to 8 bits as the service does (BPDA gradients)."),
+    graph: str = typer.Option("torch", help="What scores the images: torch (eager pipeline), onnx (the folder's pipeline.onnx, as served) or opt (pipeline.opt.onnx, the faster CPU variant). Attacks take gradients in PyTorch either way."),
     seed: int = typer.Option(0, help="Seed for the subset, random starts and RT draws."),
     bf16: bool = typer.Option(True, help="Attack gradients under bf16 autocast (accuracy is always fp32)."),
     device: str = DeviceOpt,
     data: str = DataOpt,
     out: Optional[Path] = typer.Option(None, help="Report folder: report.json, report.md, plots, per-attack results (resumable)."),
     grid: int = typer.Option(8, help="Images in the clean/adversarial/purified grid."),
-    preset: Optional[str] = typer.Option(None, help="table7: the paper's Table 7 grid (clean, FGSM, PGD-10/20/1000, classifier threat) over --model folders and --rt kinds."),
+    preset: Optional[str] = typer.Option(None, help="table7: the paper's Table 7 grid (clean, FGSM, PGD-10/20/1000, classifier threat) over --model folders and --rt kinds. table1: the paper's Table 1 comparison over --model folders (classifier-only folders bare, purifier folders under the classifier threat; clean, FGSM, PGD-20, l_2 PGD-20, StAdv)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Accuracy under attack for one threat model, with 95 % intervals; writes a resumable report folder."""
-    from training.evaluate import EvalConfig, evaluate, parse_eps_list, parse_number, table7
+    from training.evaluate import EvalConfig, evaluate, parse_eps_list, parse_number, table1, table7
 
     cfg = EvalConfig(threat=threat, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), n=n,
                      batch_size=batch_size, samples=samples, eot=eot,
@@ -186,13 +187,18 @@ def eval_cmd(
                      alpha=parse_number(alpha) if alpha is not None else None, restarts=restarts, sigma=sigma,
                      rt=rt, tta=tta, source=source, quantize=quantize, seed=seed, bf16=bf16, device=device, data=data,
                      sanity=sanity, eps_sweep=parse_eps_list(eps_sweep), sweep_attack=sweep_attack,
-                     sanity_queries=sanity_queries, grid=grid)
+                     sanity_queries=sanity_queries, grid=grid, graph=graph)
     if preset is not None:
-        if preset != "table7":
-            raise AtopError(f"unknown --preset {preset!r}; valid: table7")
+        if preset not in ("table7", "table1"):
+            raise AtopError(f"unknown --preset {preset!r}; valid: table7, table1")
         if out is None:
-            raise AtopError("--preset table7 needs --out <folder>")
+            raise AtopError(f"--preset {preset} needs --out <folder>")
         folders = [m.strip() for m in model.split(",") if m.strip()]
+        if preset == "table1":
+            if attacks == "clean,fgsm,pgd-20":
+                cfg.attacks = ()
+            typer.echo(table1([None if f == "default" else f for f in folders], cfg, out, show_progress=progress))
+            return
         rts = [r.strip() for r in rt.split(",")] if rt else None
         if attacks == "clean,fgsm,pgd-20":  # the default: use Table 7's columns
             cfg.attacks = ()

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import RTConfig, draw_rt_inputs_numpy
 from .errors import ModelError
-from .modelio import ONNX_FILE, check_external_data, read_card
+from .modelio import ONNX_FILE, OPT_ONNX_FILE, check_external_data, read_card
 
 OUTPUTS = ("probs", "logits", "purified", "transformed", "mask")
 View = Literal["purified", "transformed", "mask"]  # the output images a row can return
@@ -106,9 +106,11 @@ class Engine:
 class OnnxEngine(Engine):
     backend = "onnxruntime"
 
-    def __init__(self, folder: Path, card: dict, rt: RTConfig, threads: int = 0, providers: Sequence[str] = ()):
+    def __init__(self, folder: Path, card: dict, rt: RTConfig, threads: int = 0, providers: Sequence[str] = (),
+                 file: str = ONNX_FILE):
         super().__init__(folder, card, rt)
-        self.session = make_session(folder / ONNX_FILE, threads, providers)
+        self.file = file
+        self.session = make_session(folder / file, threads, providers)
         self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
 
@@ -119,7 +121,8 @@ class OnnxEngine(Engine):
     def describe(self) -> dict:
         import onnxruntime as ort
 
-        return {**super().describe(), "versions": {"onnxruntime": ort.__version__}}
+        return {**super().describe(), "graph": self.file, "variant": shipped_variant(self.card) if self.file == OPT_ONNX_FILE
+                else "fp32", "versions": {"onnxruntime": ort.__version__}}
 
 
 class TorchEngine(Engine):
@@ -197,13 +200,34 @@ def read_serving_card(folder: Path) -> tuple[dict, RTConfig]:
         raise ModelError(f"model card in {folder} has a bad RT config: {e}") from None
 
 
-def load_engine(folder: Path, threads: int = 0, providers: Sequence[str] = ()) -> Engine:
-    """The engine for a serving folder: its ONNX graph, or the eager fallback when the graph is absent."""
+def shipped_variant(card: dict) -> str | None:
+    """The faster CPU variant the export shipped as pipeline.opt.onnx (e.g. "int8"), or None."""
+    return ((card.get("export") or {}).get("cpu_variant") or {}).get("shipped") or None
+
+
+def choose_graph(folder: Path, card: dict, graph: str = "auto", providers: Sequence[str] = ()) -> str:
+    """Which exported graph to run. ``auto``: the shipped faster CPU variant when the session will run on the
+    CPU provider only (the variant is tuned and verified for it), else the fp32 graph; ``fp32``; ``opt``."""
+    has_opt = (folder / OPT_ONNX_FILE).exists() and shipped_variant(card) is not None
+    if graph == "opt":
+        if not has_opt:
+            raise ModelError(f"ATOP_GRAPH=opt but {folder} ships no faster CPU variant ({OPT_ONNX_FILE} listed in "
+                             "the card's export.cpu_variant.shipped); use ATOP_GRAPH=auto or fp32")
+        return OPT_ONNX_FILE
+    if graph == "fp32" or not has_opt:
+        return ONNX_FILE
+    return OPT_ONNX_FILE if choose_providers(providers) == ["CPUExecutionProvider"] else ONNX_FILE
+
+
+def load_engine(folder: Path, threads: int = 0, providers: Sequence[str] = (), graph: str = "auto") -> Engine:
+    """The engine for a serving folder: its ONNX graph (``choose_graph``), or the eager fallback when the graph
+    is absent."""
     folder = Path(folder)
     card, rt = read_serving_card(folder)
     if (folder / ONNX_FILE).exists():
-        check_external_data(folder, card, ONNX_FILE)
-        engine: Engine = OnnxEngine(folder, card, rt, threads, providers)
+        file = choose_graph(folder, card, graph, providers)
+        check_external_data(folder, card, file)
+        engine: Engine = OnnxEngine(folder, card, rt, threads, providers, file)
     else:
         try:
             import torch  # noqa: F401

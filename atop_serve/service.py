@@ -144,7 +144,7 @@ class AtopModel:
 
     def __init__(self) -> None:
         start = time.perf_counter()
-        self.engine = load_engine(MODEL_FOLDER, SETTINGS.ort_threads, SETTINGS.providers)
+        self.engine = load_engine(MODEL_FOLDER, SETTINGS.ort_threads, SETTINGS.providers, SETTINGS.graph)
         self.size = self.engine.rt.image_size
         log.info("atop model %s (%s) | backend %s | providers %s | RT %s | %d classes | loaded in %.1f s",
                  MODEL_LABEL, MODEL_FOLDER, self.engine.backend, ",".join(self.engine.providers),

@@ -14,6 +14,8 @@
     ATOP_ORT_THREADS         ONNX Runtime intra-op threads (0: ONNX Runtime's default, one per core)
     ATOP_ATTACK_SECONDS      the attack demo (POST /attack_demo): time limit of one attack, seconds (0 < s <= 30)
     ATOP_ATTACK_QUERIES      the attack demo: most queries (classifier calls) of one attack
+    ATOP_GRAPH               which exported graph runs: auto (default: pipeline.opt.onnx, the faster CPU variant, when
+                             the card ships one and the session runs on CPU; else pipeline.onnx), fp32, opt
     ATOP_PROVIDERS           comma-separated ONNX Runtime execution providers, in order of preference; default:
                              CUDA when present, then CPU (TensorRT only when named here: it builds an engine per
                              new input shape, slow with adaptive batching unless its engine cache is warm)
@@ -29,6 +31,7 @@ from pathlib import Path
 from .errors import AtopError, ModelError
 from .imageio import DEFAULT_MAX_PIXELS
 
+GRAPH_CHOICES = ("auto", "fp32", "opt")
 MAX_ATTACK_SECONDS = 30.0  # one attack holds a CPU core for this long at most
 _TAG = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
@@ -45,6 +48,7 @@ class Settings:
     max_latency_ms: int = 15100              # batching queue deadline, ms (503 beyond; docs/benchmarks.md)
     ort_threads: int = 2                     # a 2-core machine: the model worker uses both for one batch
     providers: tuple[str, ...] = ()          # () = automatic (CUDA if present, then CPU)
+    graph: str = "auto"                      # auto: the card's faster CPU variant on CPU, else fp32; fp32; opt
     attack_seconds: float = 5.0              # attack demo: time limit of one attack, s
     attack_queries: int = 2000               # attack demo: classifier calls of one attack
 
@@ -80,6 +84,8 @@ class Settings:
                 raise AtopError(f"ATOP_{name.upper()} must be >= 1, got {getattr(s, name)}")
         if not 0 < s.attack_seconds <= MAX_ATTACK_SECONDS:  # `not` also catches NaN
             raise AtopError(f"ATOP_ATTACK_SECONDS must be in (0, {MAX_ATTACK_SECONDS:g}], got {s.attack_seconds}")
+        if s.graph not in GRAPH_CHOICES:
+            raise AtopError(f"ATOP_GRAPH={s.graph!r}: valid: {', '.join(GRAPH_CHOICES)}")
         if s.max_batch_size < 2:
             raise AtopError("ATOP_MAX_BATCH_SIZE must be >= 2 (BentoML batching)")
         return s

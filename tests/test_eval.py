@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from atop_serve.errors import AtopError
-from training.attacks import APGD, EOT, FGSM, PGD, AutoAttack, Square, StAdv
+from training.attacks import APGD, EOT, FAB, FGSM, PGD, AutoAttack, Square, StAdv
 from training.data import Dataset
 from training.evaluate import EvalConfig, Models, parse_attack, parse_eps_list, run_eval
 
@@ -92,6 +92,7 @@ def _attacks(m, eps, g):
     return [FGSM(m, eps), PGD(m, eps, eps / 4, 5, generator=g), PGD(m, eps, eps / 4, 3, restarts=2, generator=g),
             APGD(m, eps, 10, "ce", generator=g), APGD(m, eps, 10, "dlr", generator=g),
             APGD(m, eps, 5, "dlr-targeted", n_target_classes=2, generator=g), Square(m, eps, 50, generator=g),
+            FAB(m, eps, 10, n_target_classes=2, generator=g),
             AutoAttack(m, eps, "standard", steps=5, queries=20, n_target_classes=2, generator=g),
             AutoAttack(m, eps, "rand", steps=5, generator=g, eot_iter=2)]
 
@@ -117,8 +118,52 @@ def test_gradient_attacks_lower_accuracy_of_trained_model(linear, data):
     assert clean > 0.9
     g = torch.Generator().manual_seed(0)
     for attack in (FGSM(linear, 4 / 255), PGD(linear, 4 / 255, 1 / 255, 10, generator=g),
-                   APGD(linear, 4 / 255, 20, "dlr", generator=g)):
+                   APGD(linear, 4 / 255, 20, "dlr", generator=g), FAB(linear, 4 / 255, 20, n_target_classes=3)):
         assert _acc(linear, attack(x, y), y) < clean - 0.3, attack.name
+
+
+def test_fab_finds_minimal_linf_point_of_linear_model():
+    """For an affine 2-class model the closest l_inf boundary point is known in closed form (inside the box):
+    FAB's reported point must be adversarial and within a few percent of that distance, and an eps below it
+    must leave the image unchanged."""
+    torch.manual_seed(1)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(12, 2))
+    x = torch.full((1, 3, 2, 2), 0.5)
+    with torch.no_grad():
+        z, y = lin(x)[0], lin(x).argmax(1)
+        w = lin[1].weight[1 - y] - lin[1].weight[y]
+        dist = ((z[y] - z[1 - y]) / w.abs().sum()).item()  # minimal l_inf move to the boundary (unconstrained by the box here)
+    assert dist < 0.5
+    adv = FAB(lin, eps=1.5 * dist, steps=20, n_target_classes=1)(x, y)
+    assert lin(adv).argmax(1) != y
+    assert (adv - x).abs().max().item() <= dist * 1.06 + 1e-6
+    same = FAB(lin, eps=0.9 * dist, steps=20, n_target_classes=1)(x, y)
+    assert torch.equal(same, x)
+
+
+def test_project_linf_meets_the_hyperplane_in_the_box():
+    from training.attacks.fab import project_linf
+
+    g = torch.Generator().manual_seed(0)
+    p, w = torch.rand(5, 30, generator=g), torch.randn(5, 30, generator=g)
+    r = torch.randn(5, generator=g)
+    d = project_linf(p, w, r, iters=40)
+    assert torch.allclose((w * d).sum(1), r, atol=1e-4)
+    assert ((p + d) >= -1e-6).all() and ((p + d) <= 1 + 1e-6).all()
+
+
+def test_attacks_restore_every_submodule_mode(data):
+    """A wrapper made on the fly is in train mode while the model inside is in eval mode: after an attack both
+    must be as they were (pushing the wrapper's mode down would leave batch norms in train mode)."""
+    inner = nn.Sequential(nn.Flatten(), nn.Linear(192, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)).eval()
+    wrapper = nn.Sequential(inner)
+    assert wrapper.training and not inner.training
+    x, y = data.images[:16].float() / 255, data.labels[:16]
+    stats = inner[2].running_mean.clone()
+    for attack in (FGSM(wrapper, 4 / 255), PGD(wrapper, 4 / 255, 1 / 255, 2), FAB(wrapper, 4 / 255, 2, 1)):
+        attack(x, y)
+        assert wrapper.training and not any(m.training for m in inner.modules()), attack.name
+    assert torch.equal(stats, inner[2].running_mean)
 
 
 def test_attacks_reproducible_with_generators(linear, data):
@@ -138,6 +183,8 @@ def test_attack_spec_parsing():
     assert parse_attack("autoattack-rand", cfg).params["eot"] == 20
     assert parse_attack("apgd-ce", EvalConfig(threat="classifier")).params["eot"] == 1
     assert parse_attack("stadv", cfg).params["budget"] == 0.05
+    assert parse_attack("fab-t@targets=3", cfg).params["targets"] == 3
+    assert "fab-t" in parse_attack("autoattack", cfg).params["components"]
     assert parse_eps_list("0,2,4,8,16/255") == pytest.approx((0, 2 / 255, 4 / 255, 8 / 255, 16 / 255))
     assert parse_eps_list("0,0.5,8/255") == pytest.approx((0, 0.5, 8 / 255))
     for bad in ("pgd", "pgdx-3", "fgsm@steps=3", "pgd-3@eps=2", "square@queries"):
@@ -226,6 +273,38 @@ def test_transfer_threat_and_table7(tmp_path, png_data, monkeypatch, capsys):
     assert code in (0, None), err
     table = (tmp_path / "t7" / "table7.md").read_text()
     assert "| model | RT | clean | fgsm |" in table and "| source | rt2 |" in table
+
+    # rows sharing a classifier (one folder, two RT kinds) craft each attack once and purify it per row
+    code, stdout, err = _cli(monkeypatch, capsys, "eval", "--preset", "table7", "--model", str(model), "--rt",
+                             "rt1,rt2", "--attacks", "clean,pgd-2", "--n", "10", "--data", str(png_data), "--out",
+                             str(tmp_path / "t7b"), "--no-progress", "--device", "cpu")
+    assert code in (0, None), err
+    first = json.loads((tmp_path / "t7b" / "model-rt1" / "report.json").read_text())["results"]["pgd-2"]
+    second = json.loads((tmp_path / "t7b" / "model-rt2" / "report.json").read_text())["results"]["pgd-2"]
+    assert "examples_reused" not in first and second["examples_reused"] == 10
+
+
+def test_table1_bare_and_purified_rows_share_examples(tmp_path, png_data, monkeypatch, capsys):
+    import shutil
+
+    from atop_serve import modelio
+
+    model = make_model_folder(tmp_path / "atop", tta="none")
+    clf = shutil.copytree(model, tmp_path / "vanilla")
+    card = modelio.read_card(clf)
+    del card["purifier"]
+    modelio.write_card(clf, card)
+    (clf / "purifier.safetensors").unlink(missing_ok=True)
+    code, stdout, err = _cli(monkeypatch, capsys, "eval", "--preset", "table1", "--model", f"{clf},{model}",
+                             "--attacks", "clean,fgsm,pgd-l2-2", "--n", "10", "--data", str(png_data), "--out",
+                             str(tmp_path / "t1"), "--no-progress", "--device", "cpu")
+    assert code in (0, None), err
+    table = (tmp_path / "t1" / "table1.md").read_text()
+    assert "| vanilla | bare |" in table and "| atop | classifier |" in table
+    bare = json.loads((tmp_path / "t1" / "vanilla" / "report.json").read_text())
+    purified = json.loads((tmp_path / "t1" / "atop" / "report.json").read_text())
+    assert bare["threat"] == "bare" and purified["threat"] == "classifier"
+    assert purified["results"]["pgd-l2-2"].get("examples_reused") == 10
 
 
 @pytest.mark.parametrize("args,msg", [

@@ -298,6 +298,28 @@ def test_torch_fallback_when_no_graph(rt_folder, tmp_path):
     assert np.abs(eager.classify(pixels, 2, [3, 4, 5, 6]) - onnx.classify(pixels, 2, [3, 4, 5, 6])).max() < 1e-4
 
 
+def test_graph_choice_prefers_the_shipped_cpu_variant(rt_folder, tmp_path):
+    """ATOP_GRAPH=auto runs pipeline.opt.onnx only where the card ships it (here a copy of the fp32 graph stands in
+    for the variant), fp32 always runs pipeline.onnx, opt without a shipped variant is refused."""
+    from atop_serve.engine import choose_graph
+
+    folder = shutil.copytree(rt_folder, tmp_path / "variant")
+    with pytest.raises(ModelError, match="ships no faster CPU variant"):
+        load_engine(folder, threads=1, graph="opt")
+    shutil.copy(folder / modelio.ONNX_FILE, folder / modelio.OPT_ONNX_FILE)
+    assert load_engine(folder, threads=1).file == modelio.ONNX_FILE  # the file alone is not enough
+    card = modelio.read_card(folder)
+    card.setdefault("export", {})["cpu_variant"] = {"shipped": "int8"}
+    modelio.write_card(folder, card)
+    engine = load_engine(folder, threads=1, providers=("CPUExecutionProvider",))
+    assert engine.file == modelio.OPT_ONNX_FILE and engine.describe()["variant"] == "int8"
+    assert load_engine(folder, threads=1, graph="fp32").file == modelio.ONNX_FILE
+    card = modelio.read_card(folder)
+    assert choose_graph(folder, card, "auto", ("CPUExecutionProvider",)) == modelio.OPT_ONNX_FILE
+    with pytest.raises(AtopError, match="ATOP_GRAPH"):
+        Settings.from_env({"ATOP_GRAPH": "int4"})
+
+
 def test_engine_refuses_unservable_folders(rt_folder, tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         load_engine(tmp_path / "nowhere")

@@ -163,6 +163,24 @@ def write_report(report: dict, out: Path, examples: dict | None = None) -> None:
     (out / "report.md").write_text(markdown(report, images))
 
 
+def _cell(rep: dict, attack: str) -> str:
+    r = rep["results"].get(attack.strip().lower())
+    return "-" if r is None else f"{100 * r['accuracy']:.1f} [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]"
+
+
+def table1_markdown(rows: list, cfg) -> str:
+    """A row per model folder (with its threat model), a column per attack, accuracy % [95 % CI]."""
+    attacks = list(cfg.attacks)
+    lines = ["# Table 1 comparison (attacks crafted on each row's classifier; purifier rows then purify)", "",
+             f"n = {cfg.n} class-balanced test images, seed {cfg.seed}; cells: accuracy % [95 % Wilson CI].", "",
+             "| model | threat | " + " | ".join(attacks) + " |", "|" + "---|" * (len(attacks) + 2)]
+    for name, threat, rep in rows:
+        lines.append(f"| {name} | {threat} | " + " | ".join(_cell(rep, a) for a in attacks) + " |")
+    if rows:
+        lines += ["", f"machine: {rows[0][2]['machine']['device']}; command: `{rows[0][2]['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
 def table7_markdown(rows: list, cfg) -> str:
     """One Markdown table: a row per (model folder, RT), a column per attack, accuracy % [95 % CI]."""
     attacks = list(cfg.attacks)
@@ -171,11 +189,7 @@ def table7_markdown(rows: list, cfg) -> str:
              f"n = {cfg.n} class-balanced test images, seed {cfg.seed}; cells: accuracy % [95 % Wilson CI].", "",
              head, "|" + "---|" * (len(attacks) + 2)]
     for name, kind, rep in rows:
-        cells = []
-        for a in attacks:
-            r = rep["results"].get(a.strip().lower())
-            cells.append("-" if r is None else f"{100 * r['accuracy']:.1f} [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]")
-        lines.append(f"| {name} | {kind} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {kind} | " + " | ".join(_cell(rep, a) for a in attacks) + " |")
     if rows:
         lines += ["", f"machine: {rows[0][2]['machine']['device']}; command: `{rows[0][2]['command']}`"]
     return "\n".join(lines) + "\n"

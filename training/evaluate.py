@@ -39,7 +39,7 @@ from atop_serve.errors import AtopError
 from atop_serve.transforms import RTInputs, draw_rt_inputs
 
 from . import common
-from .attacks import APGD, BPDA, FGSM, PGD, AutoAttack, Quantize8, Square, StAdv
+from .attacks import APGD, BPDA, FAB, FGSM, PGD, AutoAttack, Quantize8, Square, StAdv
 from .data import Dataset, default_data_root, load_split
 
 THREATS = {
@@ -65,12 +65,15 @@ FAMILIES = {
     "apgd-t": (("eps", "steps", "restarts", "eot", "targets"), "APGD-T (targeted DLR), l_inf"),
     "square": (("eps", "queries"), "Square, l_inf black-box (Andriushchenko et al. 2020)"),
     "stadv": (("eps", "steps", "alpha", "tau", "eot"), "StAdv spatial flow, budget 0.05 (Xiao et al. 2018)"),
-    "autoattack": (("eps", "steps", "queries", "targets"), "AutoAttack standard: APGD-CE, APGD-T, Square (FAB-T omitted)"),
+    "fab-t": (("eps", "steps", "targets", "eot"), "FAB-T, targeted minimal-l_inf boundary attack (Croce & Hein 2020)"),
+    "autoattack": (("eps", "steps", "queries", "targets"), "AutoAttack standard: APGD-CE, APGD-T, FAB-T, Square"),
     "autoattack-rand": (("eps", "steps", "eot"), "AutoAttack rand: APGD-CE + APGD-DLR with EOT 20"),
 }
-GRADIENT_LINF = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t")
+GRADIENT_LINF = ("fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
 LINF = GRADIENT_LINF + ("square", "autoattack", "autoattack-rand")
 TABLE7_ATTACKS = ("clean", "fgsm", "pgd-10", "pgd-20", "pgd-1000")
+# Table 1: clean, the attack AToP trains on (FGSM l_inf 8/255), and unseen ones (l_2 PGD, StAdv)
+TABLE1_ATTACKS = ("clean", "fgsm", "pgd-20", "pgd-l2-20", "stadv")
 
 
 def parse_number(text: str) -> float:
@@ -114,13 +117,13 @@ def parse_attack(text: str, cfg: "EvalConfig") -> AttackSpec:
     key = text.strip().lower().replace(" ", "")
     base, *opts = key.split("@")
     steps = None
-    m = re.fullmatch(r"(pgd-l2|pgd|apgd-ce|apgd-dlr|apgd-t|square|stadv)-(\d+)", base)
+    m = re.fullmatch(r"(pgd-l2|pgd|apgd-ce|apgd-dlr|apgd-t|fab-t|square|stadv)-(\d+)", base)
     family = base
     if m:
         family, steps = m.group(1), int(m.group(2))
     if family not in FAMILIES or (family in ("pgd", "pgd-l2") and steps is None):
         raise AtopError(f"unknown attack {text!r}; valid: clean, fgsm, pgd-<steps>, pgd-l2-<steps>, apgd-ce, "
-                        "apgd-dlr, apgd-t, square, stadv, autoattack, autoattack-rand (options as name@key=value)")
+                        "apgd-dlr, apgd-t, fab-t, square, stadv, autoattack, autoattack-rand (options as name@key=value)")
     allowed, _ = FAMILIES[family]
     over = {}
     for o in opts:
@@ -148,6 +151,9 @@ def parse_attack(text: str, cfg: "EvalConfig") -> AttackSpec:
              "rho": 0.75, "eot": eot}
         if family == "apgd-t":
             p["targets"] = int(over.get("targets", 9))
+    elif family == "fab-t":
+        p = {"eps": eps, "norm": "linf", "steps": int(over.get("steps", steps or 100)),
+             "targets": int(over.get("targets", 9)), "alpha_max": 0.1, "eta": 1.05, "beta": 0.9, "eot": eot}
     elif family == "square":
         p = {"eps": eps, "norm": "linf", "queries": int(over.get("queries", steps or 5000)), "p_init": 0.8}
     elif family == "stadv":
@@ -156,7 +162,7 @@ def parse_attack(text: str, cfg: "EvalConfig") -> AttackSpec:
     elif family == "autoattack":
         p = {"eps": eps, "norm": "linf", "version": "standard", "steps": int(over.get("steps", 100)),
              "queries": int(over.get("queries", 5000)), "targets": int(over.get("targets", 9)), "eot": eot,
-             "components": ["apgd-ce", "apgd-t", "square"], "omitted": ["fab-t"]}
+             "components": ["apgd-ce", "apgd-t", "fab-t", "square"]}
     else:
         p = {"eps": eps, "norm": "linf", "version": "rand", "steps": int(over.get("steps", 100)), "eot": eot,
              "components": ["apgd-ce", "apgd-dlr"]}
@@ -177,6 +183,9 @@ def build_attack(spec: AttackSpec, model: nn.Module, gen: torch.Generator):
     if f.startswith("apgd"):
         return APGD(model, p["eps"], p["steps"], p["loss"], p["restarts"], p["rho"], p.get("targets", 9), gen,
                     eot_iter=p["eot"])
+    if f == "fab-t":
+        return FAB(model, p["eps"], p["steps"], p["targets"], p["alpha_max"], p["eta"], p["beta"], gen,
+                   eot_iter=p["eot"])
     if f == "square":
         return Square(model, p["eps"], p["queries"], p["p_init"], gen)
     if f == "stadv":
@@ -259,6 +268,7 @@ class EvalConfig:
     eps_sweep: tuple = ()  # extra runs of `sweep_attack` at these eps (on by default with sanity)
     sweep_attack: str = "pgd-20"
     sanity_queries: int = 5000  # Square queries in the sanity check
+    graph: str = "torch"  # what scores the (adversarial) images: torch, onnx (pipeline.onnx) or opt (pipeline.opt.onnx)
     grid: int = 8  # images in the clean/adversarial/purified grid
     grid_attack: str | None = None  # attack shown in the grid (default: the strongest)
 
@@ -280,6 +290,30 @@ class Models:
     source: nn.Module | None = None  # transfer source
     name: str = ""
     fingerprint: dict = field(default_factory=dict)
+    served: object = None  # GraphScorer: scores with the exported graph instead of the eager pipeline
+
+
+GRAPHS = {"torch": None, "onnx": modelio.ONNX_FILE, "opt": modelio.OPT_ONNX_FILE}
+
+
+class GraphScorer:
+    """The folder's exported graph under ONNX Runtime (the service's session options), fed the same images and
+    RT draws as the eager pipeline: what is served is what gets scored. Attacks still take their gradients in
+    PyTorch (the graph has none), so examples are crafted on the eager models and transferred to the graph."""
+
+    def __init__(self, path: Path, threads: int):
+        from atop_serve.engine import make_session
+
+        self.path = path
+        self.session = make_session(path, threads, ["CPUExecutionProvider"])
+        self.names = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, x: torch.Tensor, draws: RTInputs) -> torch.Tensor:
+        from atop_serve.engine import feed_for
+
+        d = {k: v.detach().cpu().float().numpy() for k, v in draws._asdict().items()}
+        probs = self.session.run(["probs"], feed_for(self.names, x.detach().cpu().float().numpy(), d))[0]
+        return torch.from_numpy(probs).to(x.device)
 
 
 def load_models(folder, cfg: EvalConfig) -> Models:
@@ -305,7 +339,19 @@ def load_models(folder, cfg: EvalConfig) -> Models:
         if m is not None:
             for p in m.parameters():
                 p.requires_grad_(False)
-    return Models(classifier, pipeline, source, str(folder), fp)
+    served = None
+    if cfg.graph != "torch":
+        path = folder / GRAPHS[cfg.graph]
+        if pipeline is None:
+            raise AtopError("--graph needs a purified pipeline (not the bare threat)")
+        if not path.exists():
+            raise AtopError(f"--graph {cfg.graph}: {path} does not exist (make it with `atop export`"
+                            + (" --variants int8)" if cfg.graph == "opt" else ")"))
+        if cfg.sigma is not None or cfg.rt is not None or cfg.tta is not None:
+            raise AtopError("--graph scores the exported graph as built: --sigma, --rt and --tta cannot change it")
+        served = GraphScorer(path, torch.get_num_threads())
+        fp["graph"] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return Models(classifier, pipeline, source, str(folder), fp, served)
 
 
 def machine() -> dict:
@@ -391,12 +437,28 @@ def sanity_checks(acc: dict[str, float], specs: dict[str, AttackSpec], plan: dic
 
 
 # -------------------------------------------------------------------------------------------- running
-def _run_attack(spec: AttackSpec, models: Models, test: Dataset, cfg: EvalConfig, device, show_progress, grid_n):
+def classifier_key(models: Models, cfg: EvalConfig) -> str:
+    """What the ``classifier`` threat's adversarial examples depend on besides the attack: the classifier's
+    weights and TTA, the subset, seeds, dtype, batching and 8-bit rounding (not the purifier or RT)."""
+    h = hashlib.sha256()
+    for k, v in sorted(models.classifier.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps([getattr(models.classifier, "mode", None), cfg.n, cfg.seed, cfg.bf16, cfg.batch_size,
+                         cfg.quantize, cfg.data]).encode())
+    return h.hexdigest()[:16]
+
+
+def _run_attack(spec: AttackSpec, models: Models, test: Dataset, cfg: EvalConfig, device, show_progress, grid_n,
+                adv_cache: dict | None = None):
+    """One attack over ``test``. ``adv_cache`` (classifier threat only) shares crafted examples between model
+    folders with the same classifier: the Table 7 grid crafts each attack once and purifies it per row."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # random starts, Square's proposals
     eval_gen = torch.Generator().manual_seed(cfg.seed + 2)  # RT draws at evaluation (and pipeline-fixed)
     eot_gen = torch.Generator().manual_seed(cfg.seed + 3)  # RT draws inside the attack (pipeline threat)
     pipeline = models.pipeline
-    correct, t0, examples, attack = [], time.perf_counter(), None, None
+    correct, t0, examples, attack, reused = [], time.perf_counter(), None, None, 0
+    ckey = classifier_key(models, cfg) if adv_cache is not None and cfg.threat in ("classifier", "bare") else None
     bar = common.progress(len(test), f"{cfg.threat}/{spec.key}", show_progress)
     for i in range(0, len(test), cfg.batch_size):
         x = (test.images[i : i + cfg.batch_size].float() / 255).to(device)
@@ -414,17 +476,26 @@ def _run_attack(spec: AttackSpec, models: Models, test: Dataset, cfg: EvalConfig
         if cfg.quantize:
             target = nn.Sequential(BPDA(Quantize8()), target)
         attack = build_attack(spec, _Autocast(target, cfg.bf16, device.type), gen)
-        x_adv = attack(x, y) if attack is not None else x
-        if cfg.quantize:
-            x_adv = Quantize8()(x_adv)
+        cached = adv_cache.get((ckey, json.dumps(spec.params, sort_keys=True), i)) if ckey else None
+        if cached is not None:
+            x_adv, reused = cached.to(device), reused + len(x)
+        else:
+            x_adv = attack(x, y) if attack is not None else x
+            if cfg.quantize:
+                x_adv = Quantize8()(x_adv)
+            if ckey:
+                adv_cache[(ckey, json.dumps(spec.params, sort_keys=True), i)] = x_adv.detach().cpu()
         with torch.no_grad():
             purified = None
             if pipeline is None:
                 pred = models.classifier(x_adv).argmax(1)
             else:
-                out = pipeline.run(x_adv, draws if draws is not None else
-                                   _draws(pipeline, len(x), cfg.samples, eval_gen, device))
-                pred, purified = out["probs"].argmax(1), out["purified"]
+                d = draws if draws is not None else _draws(pipeline, len(x), cfg.samples, eval_gen, device)
+                if models.served is not None:
+                    pred = models.served(x_adv, d).argmax(1)
+                else:
+                    out = pipeline.run(x_adv, d)
+                    pred, purified = out["probs"].argmax(1), out["purified"]
             if examples is None and grid_n > 0:
                 g = min(grid_n, len(x))
                 examples = {"clean": x[:g], "adversarial": x_adv[:g], "labels": y[:g], "pred": pred[:g],
@@ -440,6 +511,8 @@ def _run_attack(spec: AttackSpec, models: Models, test: Dataset, cfg: EvalConfig
     lo, hi = wilson(k, n)
     result = {"attack": spec.family, "params": dict(spec.params), "accuracy": k / n, "correct": k, "n": n, "ci95": [lo, hi],
               "seconds": round(time.perf_counter() - t0, 2), "correct_mask": mask.int().tolist()}
+    if reused:
+        result["examples_reused"] = reused  # crafted for an earlier row with the same classifier
     return result, examples
 
 
@@ -469,7 +542,7 @@ def load_examples(path: Path) -> dict | None:
 
 
 def run_eval(models: Models, test: Dataset, cfg: EvalConfig, out: Path | None = None,
-             show_progress: bool = True) -> dict:
+             show_progress: bool = True, adv_cache: dict | None = None) -> dict:
     """Run every attack of ``cfg`` (plus the sanity plan) on ``test``; with ``out``, resume from and write
     per-attack results there. Returns the report (see ``write_report``)."""
     if cfg.threat not in THREATS:
@@ -513,7 +586,7 @@ def run_eval(models: Models, test: Dataset, cfg: EvalConfig, out: Path | None = 
                     examples[key] = ex
                 _print_line(cfg.threat, key, results[key], resumed=True)
                 continue
-        res, ex = _run_attack(spec, models, test, cfg, device, show_progress, cfg.grid)
+        res, ex = _run_attack(spec, models, test, cfg, device, show_progress, cfg.grid, adv_cache)
         results[key] = {**res, "resumed": False}
         if ex is not None:
             examples[key] = ex
@@ -566,6 +639,8 @@ def validate(cfg: EvalConfig) -> None:
         raise AtopError(f"unknown threat model {cfg.threat!r}; valid: {', '.join(THREATS)}")
     if cfg.threat == "transfer" and not cfg.source:
         raise AtopError("--threat transfer needs --source <model folder> (the model the examples are crafted on)")
+    if cfg.graph not in GRAPHS:
+        raise AtopError(f"unknown --graph {cfg.graph!r}; valid: {', '.join(GRAPHS)}")
     if cfg.n < 1 or cfg.batch_size < 1:
         raise AtopError(f"--n and --batch-size must be positive, got {cfg.n} and {cfg.batch_size}")
     for a in cfg.attacks:
@@ -595,18 +670,43 @@ def table7(folders: list[str], cfg: EvalConfig, out: Path, rts: list[str] | None
     for f in folders:
         modelio.read_card(modelio.resolve(f))  # all folders checked before the first long run
     test = test_subset(cfg)
-    rows = []
+    rows, adv_cache = [], {}  # rows sharing a classifier share its adversarial examples (classifier threat)
     for f in folders:
         for rt in rts or [None]:
             c = replace(cfg, rt=rt)
             models = load_models(f, c)
             kind = models.pipeline.transform.kind
             name = Path(models.name).name
-            rep = run_eval(models, test, c, out / f"{name}-{kind}", show_progress)
+            rep = run_eval(models, test, c, out / f"{name}-{kind}", show_progress, adv_cache)
             rows.append((name, kind, rep))
     from .eval_report import table7_markdown
 
     md = table7_markdown(rows, cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table7.md").write_text(md)
+    return md
+
+
+def table1(folders: list[str], cfg: EvalConfig, out: Path, show_progress: bool = True) -> str:
+    """The AToP paper's Table 1 comparison in one run: each model folder is a row; a folder without a purifier
+    (vanilla or adversarially trained classifier) under the ``bare`` threat, one with a purifier (pre-trained or
+    AToP) under the ``classifier`` threat: the same attacks on each row's classifier, examples shared between
+    rows with the same classifier. Columns: clean, FGSM (the attack AToP trains on), unseen attacks."""
+    cfg = replace(cfg, attacks=cfg.attacks or TABLE1_ATTACKS, sanity=False, eps_sweep=())
+    for f in folders:
+        modelio.read_card(modelio.resolve(f))
+    test, rows, adv_cache = None, [], {}
+    for f in folders:
+        card = modelio.read_card(modelio.resolve(f))
+        c = replace(cfg, threat="classifier" if "purifier" in card else "bare")
+        validate(c)
+        test = test if test is not None else test_subset(c)
+        models = load_models(f, c)
+        name = Path(models.name).name
+        rows.append((name, c.threat, run_eval(models, test, c, out / name, show_progress, adv_cache)))
+    from .eval_report import table1_markdown
+
+    md = table1_markdown(rows, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table1.md").write_text(md)
     return md

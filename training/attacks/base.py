@@ -27,7 +27,7 @@ def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class Attack:
     """Base class: ``attack(images, labels) -> adversarial images``. Subclasses write only ``forward``.
 
-    ``__call__`` puts the model in eval mode (restoring its mode afterwards), detaches the inputs and enables
+    ``__call__`` puts the model in eval mode (restoring every submodule's mode afterwards), detaches the inputs and enables
     gradients. ``eot_iter > 1`` averages every input gradient over that many forward passes of a stochastic
     model (expectation over transformation, Athalye et al. 2018), each with fresh randomness.
     """
@@ -42,13 +42,17 @@ class Attack:
         self.model, self.eps, self.eot_iter = model, eps, eot_iter
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        was_training = self.model.training
+        # every submodule's own mode is restored afterwards, not the top module's mode pushed down: a wrapper
+        # built on the fly is in train mode by default, and ``train(True)`` on it would leave the wrapped
+        # model's batch norms in train mode (batch statistics, running-stat updates) for whatever runs next
+        modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         try:
             with torch.enable_grad():
                 return self.forward(images.detach(), labels.detach()).detach()
         finally:
-            self.model.train(was_training)
+            for m, mode in modes:
+                m.training = mode
 
     def forward(self, images, labels):  # pragma: no cover
         raise NotImplementedError
