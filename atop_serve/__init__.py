@@ -16,7 +16,7 @@ _LAZY = {
     "create_classifier": "registry", "create_purifier": "registry", "list_models": "registry",
 }
 
-__all__ = ["RTConfig", "AtopError", "DataError", "ExportError", "ModelError", *_LAZY]
+__all__ = ["RTConfig", "AtopError", "DataError", "ExportError", "ModelError", *list(_LAZY)]
 
 
 def __getattr__(name):

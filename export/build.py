@@ -198,7 +198,7 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
                                                "role": "bare classifier f (attack demo)", "external_data": shared}
         for kind, w in weights.items():
             files[w.name] = {"precision": {"float16": "fp16"}.get(card[kind].get("weights_dtype"), "fp32"),
-                             "runtime": f"safetensors; external data of the ONNX graphs", "role": f"{kind} weights"}
+                             "runtime": "safetensors; external data of the ONNX graphs", "role": f"{kind} weights"}
 
         if optimize:
             from .optimize import select_variant

@@ -65,13 +65,8 @@ def export_classifier(classifier, out: str | Path, weights: str | Path, size: in
     float32 tensor reads that tensor's byte range; one equal to a stored float16 tensor (weights packed with
     ``atop pack --half``) reads the float16 bytes and a Cast node makes them float32 again, exactly what loading
     them into the eager model does. Anything else (small constants, folded tensors) stays inside the graph.
-    Returns the path and what was shared: {"file", "sha256", "external_bytes", "inline_bytes"}.
+    Returns the path and what was shared (see ``share_weights``).
     """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from atop_serve.modelio import sha256
-
     out, weights = Path(out), Path(weights)
     if weights.parent.resolve() != out.parent.resolve():
         raise ValueError(f"{weights} must be in the folder of {out}: ONNX Runtime reads external data beside the graph")

@@ -10,11 +10,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from atop_serve import modelio
-from atop_serve.errors import ModelError
 
 
 def pack(src, out: Path, half: bool = True) -> dict:

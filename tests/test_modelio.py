@@ -11,7 +11,6 @@ from atop_serve import load_classifier, load_pipeline, modelio
 from atop_serve.errors import ModelError
 from atop_serve.transforms import draw_rt_inputs
 
-from .conftest import make_model_folder
 
 
 def test_round_trip_and_identical_logits(random_model_dir):
