@@ -270,11 +270,12 @@ def pack(
     model: str = typer.Option(..., help="Trained model folder (card.json + safetensors)."),
     out: Path = typer.Option(..., help="Folder to write (replaced atomically)."),
     half: bool = typer.Option(True, help="Store weights as float16 (half the size; loaded back as float32)."),
+    tta: Optional[str] = typer.Option(None, help="Set the classifier's test-time augmentation in the packed card: none, flip, flip-translate (default: keep)."),
 ):
     """Copy a model folder for shipping: card and weights only, optionally float16 weights."""
     from export.pack import pack as pack_folder
 
-    card = pack_folder(model, out, half=half)
+    card = pack_folder(model, out, half=half, tta=tta)
     sizes = {p.name: p.stat().st_size for p in Path(out).iterdir()}
     typer.echo(json.dumps({"out": str(out), "files": sizes, "classes": len(card["classes"])}, indent=1))
 

@@ -15,9 +15,18 @@ from safetensors.torch import load_file, save_file
 from atop_serve import modelio
 
 
-def pack(src, out: Path, half: bool = True) -> dict:
+def pack(src, out: Path, half: bool = True, tta: str | None = None) -> dict:
+    """Write ``out`` from the model folder ``src``; ``tta`` (none, flip, flip-translate) replaces the classifier's
+    test-time augmentation in the card (it changes the served function: measure the packed folder)."""
+    from atop_serve.errors import AtopError
+    from atop_serve.pipeline import TTA_MODES
+
+    if tta is not None and tta not in TTA_MODES:
+        raise AtopError(f"unknown --tta {tta!r}; valid: {', '.join(TTA_MODES)}")
     src = modelio.resolve(src)
     card = modelio.read_card(src)
+    if tta is not None:
+        card["classifier"]["tta"] = tta
     modelio.load_pipeline(src) if "purifier" in card else modelio.load_classifier(src)  # validate before writing
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -350,3 +350,18 @@ def test_tensorrt_export(model_dir, tmp_path):
     card = modelio.read_card(out)
     assert (out / modelio.TRT_FILE).exists() and (out / modelio.ONNX_FILE).exists()
     assert card["export"]["verification"]["tensorrt"]["passed"]
+
+
+def test_pack_half_weights_and_tta_override(tmp_path):
+    from atop_serve import modelio
+    from atop_serve.errors import AtopError
+    from export.pack import pack
+
+    src = make_model_folder(tmp_path / "src", tta="flip-translate")
+    card = pack(src, tmp_path / "packed", half=True, tta="none")
+    assert card["classifier"]["tta"] == "none" and card["classifier"]["weights_dtype"] == "float16"
+    assert modelio.load_pipeline(tmp_path / "packed").classifier.mode == "none"
+    assert modelio.read_card(src)["classifier"]["tta"] == "flip-translate"  # the source is untouched
+    with pytest.raises(AtopError, match="unknown --tta"):
+        pack(src, tmp_path / "bad", tta="rotate")
+    assert not (tmp_path / "bad").exists()
