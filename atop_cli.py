@@ -155,7 +155,7 @@ def eval_cmd(
     attacks: str = typer.Option("clean,fgsm,pgd-20", help="Comma-separated: clean, fgsm, pgd-<k>, pgd-l2-<k>, apgd-ce, apgd-dlr, apgd-t, fab-t, square, stadv, autoattack, autoattack-rand; options as name@key=value, e.g. pgd-20@eps=4/255@restarts=5."),
     n: int = typer.Option(1000, help="Class-balanced test images (a fixed subset per seed)."),
     batch_size: int = typer.Option(250, help="Batch size."),
-    samples: int = typer.Option(1, help="K purifications averaged per prediction."),
+    samples: Optional[int] = typer.Option(None, help="K purifications averaged per prediction (default: the K the model card recommends, pipeline.samples)."),
     eot: int = typer.Option(8, help="EOT: gradient samples per attack step (pipeline threat)."),
     eps: Optional[str] = typer.Option(None, help="Attack budget, e.g. 8/255 (default 8/255 l_inf, 0.5 l_2)."),
     alpha: Optional[str] = typer.Option(None, help="PGD step size (default eps/4)."),
@@ -271,11 +271,12 @@ def pack(
     out: Path = typer.Option(..., help="Folder to write (replaced atomically)."),
     half: bool = typer.Option(True, help="Store weights as float16 (half the size; loaded back as float32)."),
     tta: Optional[str] = typer.Option(None, help="Set the classifier's test-time augmentation in the packed card: none, flip, flip-translate (default: keep)."),
+    samples: Optional[int] = typer.Option(None, help="Set the recommended purification samples K (card pipeline.samples: the default of load_pipeline, atop eval and the service)."),
 ):
     """Copy a model folder for shipping: card and weights only, optionally float16 weights."""
     from export.pack import pack as pack_folder
 
-    card = pack_folder(model, out, half=half, tta=tta)
+    card = pack_folder(model, out, half=half, tta=tta, samples=samples)
     sizes = {p.name: p.stat().st_size for p in Path(out).iterdir()}
     typer.echo(json.dumps({"out": str(out), "files": sizes, "classes": len(card["classes"])}, indent=1))
 

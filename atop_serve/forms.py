@@ -23,8 +23,9 @@ from . import settings
 SETTINGS = settings.load()
 MAX_SEED = 2**63 - 1
 
-SamplesField = Field(1, ge=1, le=SETTINGS.max_samples, description=(
-    f"K purifications averaged (1..{SETTINGS.max_samples}): steadier, K times the compute."))
+SamplesField = Field(None, ge=1, le=SETTINGS.max_samples, description=(
+    f"K purifications averaged (1..{SETTINGS.max_samples}): steadier and more robust, K times the compute. "
+    "Default: the model's recommended K (GET /metadata: serving.limits.default_samples)."))
 SeedField = Field(None, ge=0, le=MAX_SEED,
                   description="Reproducible RT draws; refused (400) unless the server sets ATOP_ALLOW_SEED=1.")
 
@@ -92,19 +93,19 @@ def _describe(e: ValidationError) -> str:
 
 
 class ClassifyInput(FormInput):
-    usage: ClassVar[str] = (f"fields: image (one file, required), samples (1..{SETTINGS.max_samples}, default 1), "
-                            "seed (int, only where the server allows it)")
+    usage: ClassVar[str] = (f"fields: image (one file, required), samples (1..{SETTINGS.max_samples}, default: the "
+                            "model's K), seed (int, only where the server allows it)")
     image: Path = Field(description="The image: PNG, JPEG, WebP, BMP, GIF (first frame) or TIFF, any size.")
-    samples: int = SamplesField
+    samples: Optional[int] = SamplesField
     seed: Optional[int] = SeedField
 
 
 class BatchInput(FormInput):
     usage: ClassVar[str] = (f"fields: images (1..{SETTINGS.max_images} files, repeat the field), samples "
-                            f"(1..{SETTINGS.max_samples}, default 1), seed (int, only where the server allows it)")
+                            f"(1..{SETTINGS.max_samples}, default: the model's K), seed (int, only where the server allows it)")
     max_files: ClassVar[int] = SETTINGS.max_images
     images: list[Path] = Field(min_length=1, description=f"1 to {SETTINGS.max_images} images, in order.")
-    samples: int = SamplesField
+    samples: Optional[int] = SamplesField
     seed: Optional[int] = SeedField
 
 

@@ -120,10 +120,21 @@ def load_purifier(path=None):
     return _build("purifier", card["purifier"], folder, 0), RTConfig.from_dict(card["purifier"]["rt"])
 
 
-def load_pipeline(path=None, samples: int = 1, tta: str | None = None):
-    """The purified classifier f(g(RT(x))) of a model folder (default: the shipped one), in eval mode."""
+def default_samples(card: dict) -> int:
+    """The purification samples K a model folder recommends (its card's ``pipeline.samples``; 1 if unset)."""
+    k = (card.get("pipeline") or {}).get("samples", 1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ModelError(f"model card: pipeline.samples must be a positive integer, got {k!r}")
+    return k
+
+
+def load_pipeline(path=None, samples: int | None = None, tta: str | None = None):
+    """The purified classifier f(g(RT(x))) of a model folder (default: the shipped one), in eval mode, averaging
+    ``samples`` purifications per prediction (default: the K the folder's card recommends)."""
     from .pipeline import PurifiedClassifier
 
+    if samples is None:
+        samples = default_samples(read_card(resolve(path)))
     purifier, rt = load_purifier(path)
     for p in purifier.parameters():
         p.requires_grad_(False)

@@ -41,11 +41,14 @@ from .errors import ImageError, ModelError
 from .forms import BatchInput, ClassifyInput, PurifyInput, Rejected
 from .imageio import FORMAT_NAMES, REDUCING_GAP, RESAMPLE, decode, encode_png
 from .middleware import BodyLimit, ErrorBody
+from .modelio import default_samples
 
 SETTINGS = settings.load()
 MODEL_FOLDER, MODEL_TAG = settings.resolve_model(SETTINGS.model)  # at import: `bentoml serve` fails fast, clearly
 MODEL_CARD, MODEL_RT = read_serving_card(MODEL_FOLDER)
 MODEL_LABEL = MODEL_TAG or MODEL_CARD.get("name") or MODEL_FOLDER.name  # the "model" of every answer
+# K of a request that names none: the operator's ATOP_DEFAULT_SAMPLES, else the card's recommendation
+DEFAULT_SAMPLES = SETTINGS.default_samples or min(default_samples(MODEL_CARD), SETTINGS.max_samples)
 DECODE_THREADS = 2  # images decoded at once: bounds the memory of large uploads
 ATTACK_WAITING = 2  # attack demo requests that may wait while one runs; more get 429
 log = logging.getLogger("bentoml.atop")
@@ -198,17 +201,19 @@ class AtopService:
 
     # ------------------------------------------------------------------ endpoints
     @bentoml.api(route="/classify", input_spec=ClassifyInput)
-    async def classify(self, image: Path, samples: int = 1, seed: Optional[int] = None) -> Classification:
+    async def classify(self, image: Path, samples: Optional[int] = None, seed: Optional[int] = None) -> Classification:
         """Classify one image: label, class id and class probabilities averaged over `samples` purifications."""
         self._check_seed(seed)
+        samples = samples or DEFAULT_SAMPLES
         [probs] = await self._probs([await self._decode(image)], samples, seed)
         return self._classification(probs, samples)
 
     @bentoml.api(route="/classify_batch", input_spec=BatchInput)
-    async def classify_batch(self, images: list[Path], samples: int = 1,
+    async def classify_batch(self, images: list[Path], samples: Optional[int] = None,
                              seed: Optional[int] = None) -> list[Classification]:
         """Classify several images (repeat the `images` field); the answers come in the order of the files."""
         self._check_seed(seed)
+        samples = samples or DEFAULT_SAMPLES
         decoded = await asyncio.gather(*(self._decode(p, f"image {i + 1} of {len(images)}: ")
                                          for i, p in enumerate(images)), return_exceptions=True)
         for d in decoded:  # the first bad file, in upload order
@@ -226,10 +231,11 @@ class AtopService:
         return Image.fromarray(np.frombuffer(result.picture, np.uint8).reshape(self.size, self.size, 3))
 
     @bentoml.api(route="/inspect", input_spec=ClassifyInput)
-    async def inspect(self, image: Path, samples: int = 1, seed: Optional[int] = None) -> Inspection:
+    async def inspect(self, image: Path, samples: Optional[int] = None, seed: Optional[int] = None) -> Inspection:
         """/classify plus the pictures of the defence (what the web page shows): the 32x32 input and, per
         purification sample, RT(x), its mask, g(RT(x)) and that sample's prediction."""
         self._check_seed(seed)
+        samples = samples or DEFAULT_SAMPLES
         pixels = await self._decode(image)
         seeds = row_seeds(seed, samples)  # the three views of a sample share its seed, hence its draws
         rows = [Row(pixels=pixels, seed=s, view=v) for s in seeds for v in ("transformed", "mask", "purified")]
@@ -246,10 +252,11 @@ class AtopService:
         return Inspection(**answer.model_dump(), input=self._png_url(pixels), views=views)
 
     @bentoml.api(route="/attack_demo", input_spec=ClassifyInput)
-    async def attack_demo(self, image: Path, samples: int = 1, seed: Optional[int] = None) -> AttackDemo:
+    async def attack_demo(self, image: Path, samples: Optional[int] = None, seed: Optional[int] = None) -> AttackDemo:
         """Attack demo: a Square attack (l_inf 8/255, black box, bounded in time and queries) on the bare classifier f,
         then f and the purified pipeline on the clean and the adversarial image (fooled? defended?)."""
         self._check_seed(seed)
+        samples = samples or DEFAULT_SAMPLES
         if self.bare is None:
             raise Rejected(f"the attack demo is not available on this server: {self.bare_missing}", 404)
         pixels = await self._decode(image)
@@ -293,7 +300,7 @@ class AtopService:
                       "resize": f"whole image, no crop, {RESAMPLE.name.lower()} antialiased, "
                                 f"reducing_gap={REDUCING_GAP}",
                       "transparency": "composited on white", "exif_orientation": "applied"},
-            "limits": {"max_samples": SETTINGS.max_samples, "max_images": SETTINGS.max_images,
+            "limits": {"max_samples": SETTINGS.max_samples, "default_samples": DEFAULT_SAMPLES, "max_images": SETTINGS.max_images,
                        "max_request_bytes": SETTINGS.max_request_bytes, "max_pixels": SETTINGS.max_pixels},
             "batching": {"max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms},
             "seed_allowed": SETTINGS.allow_seed,

@@ -5,6 +5,8 @@
                              atop_serve/models/default
     ATOP_ALLOW_SEED          1 lets requests pass ``seed`` (reproducible RT draws); default 0: a seed is refused
     ATOP_MAX_SAMPLES         largest ``samples`` (K purifications averaged) a request may ask for
+    ATOP_DEFAULT_SAMPLES     ``samples`` of a request that names none (0, the default: the K the model card recommends,
+                             ``pipeline.samples``, at most ATOP_MAX_SAMPLES)
     ATOP_MAX_IMAGES          largest number of images in one /classify_batch request
     ATOP_MAX_REQUEST_BYTES   largest request body, in bytes (413 above)
     ATOP_MAX_PIXELS          largest decoded image, width x height (413 above)
@@ -41,6 +43,7 @@ class Settings:
     model: str = ""                          # folder or store tag; "" = the shipped default folder
     allow_seed: bool = False                 # accept the `seed` field (reproducible draws)
     max_samples: int = 8                     # purifications one image may ask for
+    default_samples: int = 0                 # K when a request names none; 0: the model card's (pipeline.samples)
     max_images: int = 64                     # files in one /classify_batch
     max_request_bytes: int = 10 * 1024 * 1024  # request body, bytes
     max_pixels: int = DEFAULT_MAX_PIXELS     # decoded image, width x height
@@ -84,6 +87,8 @@ class Settings:
                 raise AtopError(f"ATOP_{name.upper()} must be >= 1, got {getattr(s, name)}")
         if not 0 < s.attack_seconds <= MAX_ATTACK_SECONDS:  # `not` also catches NaN
             raise AtopError(f"ATOP_ATTACK_SECONDS must be in (0, {MAX_ATTACK_SECONDS:g}], got {s.attack_seconds}")
+        if not 0 <= s.default_samples <= s.max_samples:
+            raise AtopError(f"ATOP_DEFAULT_SAMPLES must be in 0..ATOP_MAX_SAMPLES ({s.max_samples}), got {s.default_samples}")
         if s.graph not in GRAPH_CHOICES:
             raise AtopError(f"ATOP_GRAPH={s.graph!r}: valid: {', '.join(GRAPH_CHOICES)}")
         if s.max_batch_size < 2:

@@ -15,18 +15,26 @@ from safetensors.torch import load_file, save_file
 from atop_serve import modelio
 
 
-def pack(src, out: Path, half: bool = True, tta: str | None = None) -> dict:
+def pack(src, out: Path, half: bool = True, tta: str | None = None, samples: int | None = None) -> dict:
     """Write ``out`` from the model folder ``src``; ``tta`` (none, flip, flip-translate) replaces the classifier's
-    test-time augmentation in the card (it changes the served function: measure the packed folder)."""
+    test-time augmentation in the card, ``samples`` the recommended purification samples K (``pipeline.samples``:
+    what ``load_pipeline`` and the service use by default). Both change the served function: measure the packed
+    folder."""
     from atop_serve.errors import AtopError
     from atop_serve.pipeline import TTA_MODES
 
     if tta is not None and tta not in TTA_MODES:
         raise AtopError(f"unknown --tta {tta!r}; valid: {', '.join(TTA_MODES)}")
+    if samples is not None and samples < 1:
+        raise AtopError(f"--samples must be >= 1, got {samples}")
     src = modelio.resolve(src)
     card = modelio.read_card(src)
     if tta is not None:
         card["classifier"]["tta"] = tta
+    if samples is not None:
+        if "purifier" not in card:
+            raise AtopError(f"--samples: {src} holds no purifier")
+        card["pipeline"] = {**(card.get("pipeline") or {}), "samples": samples}
     modelio.load_pipeline(src) if "purifier" in card else modelio.load_classifier(src)  # validate before writing
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,12 +38,14 @@ def export_folder(folder: Path) -> Path:
 
 def deterministic_folder(path: Path) -> Path:
     """A serving folder (random weights + graphs) whose RT does nothing (rt1 with rate 0): the service's answers
-    can be compared exactly with the offline graph's."""
+    can be compared exactly with the offline graph's. Its card recommends K = 2 purification samples (the
+    service's default K; with RT off every sample is the same)."""
     from tests.conftest import make_model_folder
 
     folder = make_model_folder(path, rt_kind="rt1")
     card = modelio.read_card(folder)
     card["purifier"]["rt"]["rate"] = 0.0
+    card["pipeline"] = {"samples": 2}
     modelio.write_card(folder, card)
     return export_folder(folder)
 

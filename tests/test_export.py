@@ -358,9 +358,11 @@ def test_pack_half_weights_and_tta_override(tmp_path):
     from export.pack import pack
 
     src = make_model_folder(tmp_path / "src", tta="flip-translate")
-    card = pack(src, tmp_path / "packed", half=True, tta="none")
+    card = pack(src, tmp_path / "packed", half=True, tta="none", samples=3)
     assert card["classifier"]["tta"] == "none" and card["classifier"]["weights_dtype"] == "float16"
-    assert modelio.load_pipeline(tmp_path / "packed").classifier.mode == "none"
+    pipe = modelio.load_pipeline(tmp_path / "packed")
+    assert pipe.classifier.mode == "none" and pipe.samples == 3 and modelio.load_pipeline(src).samples == 1
+    assert modelio.load_pipeline(tmp_path / "packed", samples=2).samples == 2
     assert modelio.read_card(src)["classifier"]["tta"] == "flip-translate"  # the source is untouched
     with pytest.raises(AtopError, match="unknown --tta"):
         pack(src, tmp_path / "bad", tta="rotate")

@@ -94,7 +94,7 @@ def test_classify(server, det_folder, images):
     assert set(body) == {"label", "class_id", "probabilities", "samples", "model"}
     assert body["label"] == classes[body["class_id"]] and list(body["probabilities"]) == classes
     assert abs(sum(body["probabilities"].values()) - 1) < 1e-4
-    assert body["samples"] == 1 and body["model"] == "random-0"
+    assert body["samples"] == 2 and body["model"] == "random-0"  # no samples field: the card's recommended K
     ref = offline_probs(det_folder, images[0][None])[0]
     assert body["class_id"] == int(ref.argmax())
     assert np.allclose(list(body["probabilities"].values()), ref, atol=1e-5)
@@ -150,6 +150,7 @@ def test_metadata_get_and_post(server, det_folder):
     assert serving["backend"] == "onnxruntime" and serving["providers"] == ["CPUExecutionProvider"]
     assert {"atop_serve", "bentoml", "onnxruntime", "numpy", "pillow"} <= set(serving["versions"])
     assert serving["seed_allowed"] is False and serving["limits"]["max_images"] == 8
+    assert serving["limits"]["default_samples"] == card["pipeline"]["samples"] == 2
     assert server.post("/metadata", json={}).json() == meta
 
 
@@ -367,7 +368,9 @@ def test_settings_from_env():
     assert (s.model, s.allow_seed, s.max_batch_size, s.max_latency_ms) == ("", False, 128, 15100)
     s = Settings.from_env({"ATOP_ALLOW_SEED": "1", "ATOP_MAX_SAMPLES": "16", "ATOP_PROVIDERS": "CPUExecutionProvider"})
     assert s.allow_seed and s.max_samples == 16 and s.providers == ("CPUExecutionProvider",)
-    for bad in ({"ATOP_MAX_SAMPLES": "lots"}, {"ATOP_ALLOW_SEED": "maybe"}, {"ATOP_MAX_IMAGES": "0"}):
+    assert Settings.from_env({"ATOP_DEFAULT_SAMPLES": "3"}).default_samples == 3
+    for bad in ({"ATOP_MAX_SAMPLES": "lots"}, {"ATOP_ALLOW_SEED": "maybe"}, {"ATOP_MAX_IMAGES": "0"},
+                {"ATOP_DEFAULT_SAMPLES": "9"}, {"ATOP_DEFAULT_SAMPLES": "-1"}):
         with pytest.raises(AtopError, match="ATOP_"):
             Settings.from_env(bad)
 

@@ -364,6 +364,7 @@ def test_page_in_chromium(server, sample, tmp_path):
             page.set_input_files("#file", str(upload))
             page.wait_for_selector("body[data-state=done]", timeout=30_000)
             k = int(page.input_value("#samples-k"))
+            assert k == server.get("/metadata").json()["serving"]["limits"]["default_samples"]  # the page starts at the model's K
             api = server.post("/classify", files={"image": ("u.png", upload.read_bytes())}, data={"samples": str(k)})
             assert page.inner_text("#label") == api.json()["label"]
             assert page.locator("#bars .bar").count() == 10 and page.locator("#views .view").count() == k

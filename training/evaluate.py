@@ -250,7 +250,7 @@ class EvalConfig:
     attacks: tuple = ("clean", "fgsm", "pgd-20")
     n: int = 1000  # class-balanced test images (fixed by seed)
     batch_size: int = 250
-    samples: int = 1  # K purifications averaged at prediction time
+    samples: int | None = None  # K purifications averaged at prediction time (None: the card's recommended K)
     eot: int = 8  # gradient samples per step (pipeline threat)
     eps: float | None = None  # default 8/255 (l_inf), 0.5 (l_2)
     alpha: float | None = None  # PGD step size, default eps/4
@@ -471,7 +471,7 @@ def _run_attack(spec: AttackSpec, models: Models, test: Dataset, cfg: EvalConfig
         elif cfg.threat == "pipeline":
             target = _FreshDraws(pipeline, eot_gen)
         else:
-            draws = _draws(pipeline, len(x), cfg.samples, eval_gen, device)
+            draws = _draws(pipeline, len(x), pipeline.samples, eval_gen, device)
             target = _FixedDraws(pipeline, draws)
         if cfg.quantize:
             target = nn.Sequential(BPDA(Quantize8()), target)
@@ -490,7 +490,7 @@ def _run_attack(spec: AttackSpec, models: Models, test: Dataset, cfg: EvalConfig
             if pipeline is None:
                 pred = models.classifier(x_adv).argmax(1)
             else:
-                d = draws if draws is not None else _draws(pipeline, len(x), cfg.samples, eval_gen, device)
+                d = draws if draws is not None else _draws(pipeline, len(x), pipeline.samples, eval_gen, device)
                 if models.served is not None:
                     pred = models.served(x_adv, d).argmax(1)
                 else:
@@ -606,6 +606,7 @@ def run_eval(models: Models, test: Dataset, cfg: EvalConfig, out: Path | None = 
         "source": cfg.source if cfg.threat == "transfer" else None,
         "n": len(test), "seed": cfg.seed, "config": asdict(cfg), "rt": rt,
         "tta": getattr(models.classifier, "mode", None), "attacks": keys,
+        "samples": models.pipeline.samples if models.pipeline is not None else None,
         "results": results, "sanity": checks, "sanity_plan": plan,
         "wall_seconds": round(time.perf_counter() - t_start, 2),
         "compute_seconds": round(sum(r["seconds"] for r in results.values()), 2),
@@ -641,6 +642,8 @@ def validate(cfg: EvalConfig) -> None:
         raise AtopError("--threat transfer needs --source <model folder> (the model the examples are crafted on)")
     if cfg.graph not in GRAPHS:
         raise AtopError(f"unknown --graph {cfg.graph!r}; valid: {', '.join(GRAPHS)}")
+    if cfg.samples is not None and cfg.samples < 1:
+        raise AtopError(f"--samples must be positive, got {cfg.samples}")
     if cfg.n < 1 or cfg.batch_size < 1:
         raise AtopError(f"--n and --batch-size must be positive, got {cfg.n} and {cfg.batch_size}")
     for a in cfg.attacks:

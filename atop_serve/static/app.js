@@ -226,7 +226,7 @@ async function init() {
   const k = $("samples-k");
   const most = state.meta.serving.limits.max_samples;
   for (let i = 1; i <= most; i++) k.append(el("option", { value: String(i), text: String(i) }));
-  k.value = String(Math.min(4, most));
+  k.value = String(state.meta.serving.limits.default_samples || Math.min(4, most));
   const demo = state.meta.serving.attack_demo;
   $("eps").textContent = `${demo.eps_255}/255`;
   $("attack-note").textContent = demo.available
