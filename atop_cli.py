@@ -157,6 +157,7 @@ def eval_cmd(
     batch_size: int = typer.Option(250, help="Batch size."),
     samples: Optional[int] = typer.Option(None, help="K purifications averaged per prediction (default: the K the model card recommends, pipeline.samples)."),
     eot: int = typer.Option(8, help="EOT: gradient samples per attack step (pipeline threat)."),
+    attack_samples: Optional[int] = typer.Option(None, help="Pipeline threat: purifications K averaged in each of the attack's forward passes (default: the evaluated K). 1 with --eot E averages the gradients of E single purifications (K times cheaper per pass than averaging K logits inside each pass)."),
     eps: Optional[str] = typer.Option(None, help="Attack budget, e.g. 8/255 (default 8/255 l_inf, 0.5 l_2)."),
     alpha: Optional[str] = typer.Option(None, help="PGD step size (default eps/4)."),
     restarts: int = typer.Option(1, help="Random restarts of PGD/APGD (worst case per image)."),
@@ -182,7 +183,7 @@ def eval_cmd(
     from training.evaluate import EvalConfig, evaluate, parse_eps_list, parse_number, table1, table7
 
     cfg = EvalConfig(threat=threat, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), n=n,
-                     batch_size=batch_size, samples=samples, eot=eot,
+                     batch_size=batch_size, samples=samples, eot=eot, attack_samples=attack_samples,
                      eps=parse_number(eps) if eps is not None else None,
                      alpha=parse_number(alpha) if alpha is not None else None, restarts=restarts, sigma=sigma,
                      rt=rt, tta=tta, source=source, quantize=quantize, seed=seed, bf16=bf16, device=device, data=data,

@@ -48,6 +48,7 @@ def export_onnx(pipeline: PurifiedClassifier, out: str | Path, opset: int = OPSE
         program = torch.onnx.export(
             graph, args, input_names=list(INPUT_NAMES), output_names=list(PipelineGraph.OUTPUTS),
             dynamic_shapes=shapes, dynamo=True, opset_version=opset, external_data=False, verbose=False,
+            optimize=False,  # keep every weight as stored (no Conv+BN folding): it can then be shared; ORT fuses at load
         )
         program.save(str(tmp))
     tmp.replace(out)
@@ -77,6 +78,7 @@ def export_classifier(classifier, out: str | Path, weights: str | Path, size: in
         program = torch.onnx.export(
             classifier.eval(), (torch.rand(2, 3, size, size),), input_names=["images"], output_names=["logits"],
             dynamic_shapes=({0: n},), dynamo=True, opset_version=opset, external_data=False, verbose=False,
+            optimize=False,  # see export_pipeline
         )
         program.save(str(tmp))
     tmp.replace(out)

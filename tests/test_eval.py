@@ -255,6 +255,13 @@ def test_report_folder_and_resume(tmp_path, png_data, monkeypatch, capsys):
     rep = json.loads((out / "report.json").read_text())
     assert not rep["results"]["pgd-1"]["resumed"]
 
+    # K = 3 at prediction, attacked through single purifications: a different run, K recorded in the report
+    code, _, err = _cli(monkeypatch, capsys, *args, "--seed", "1", "--samples", "3", "--attack-samples", "1")
+    assert code in (0, None), err
+    rep = json.loads((out / "report.json").read_text())
+    assert not rep["results"]["pgd-1"]["resumed"] and rep["samples"] == 3 and rep["config"]["attack_samples"] == 1
+    assert "K = 3" in (out / "report.md").read_text()
+
 
 def test_transfer_threat_and_table7(tmp_path, png_data, monkeypatch, capsys):
     model = make_model_folder(tmp_path / "model", tta="none")

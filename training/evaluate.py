@@ -233,14 +233,15 @@ class _FixedDraws(nn.Module):
 
 
 class _FreshDraws(nn.Module):
-    """The pipeline drawing fresh randomness at every call from an explicit generator (EOT's draws)."""
+    """The pipeline drawing fresh randomness at every call from an explicit generator (EOT's draws), averaging
+    ``samples`` purifications per call (default: the pipeline's K)."""
 
-    def __init__(self, pipeline, gen):
+    def __init__(self, pipeline, gen, samples: int | None = None):
         super().__init__()
-        self.pipeline, self.gen = pipeline, gen
+        self.pipeline, self.gen, self.samples = pipeline, gen, samples or pipeline.samples
 
     def forward(self, x):
-        return self.pipeline(x, rt_inputs=_draws(self.pipeline, x.size(0), self.pipeline.samples, self.gen, x.device))
+        return self.pipeline(x, rt_inputs=_draws(self.pipeline, x.size(0), self.samples, self.gen, x.device))
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -252,6 +253,7 @@ class EvalConfig:
     batch_size: int = 250
     samples: int | None = None  # K purifications averaged at prediction time (None: the card's recommended K)
     eot: int = 8  # gradient samples per step (pipeline threat)
+    attack_samples: int | None = None  # pipeline threat: K inside the attack's passes (None: the evaluated K)
     eps: float | None = None  # default 8/255 (l_inf), 0.5 (l_2)
     alpha: float | None = None  # PGD step size, default eps/4
     restarts: int = 1
@@ -469,7 +471,7 @@ def _run_attack(spec: AttackSpec, models: Models, test: Dataset, cfg: EvalConfig
         elif cfg.threat == "transfer":
             target = models.source
         elif cfg.threat == "pipeline":
-            target = _FreshDraws(pipeline, eot_gen)
+            target = _FreshDraws(pipeline, eot_gen, cfg.attack_samples)
         else:
             draws = _draws(pipeline, len(x), pipeline.samples, eval_gen, device)
             target = _FixedDraws(pipeline, draws)
@@ -642,8 +644,9 @@ def validate(cfg: EvalConfig) -> None:
         raise AtopError("--threat transfer needs --source <model folder> (the model the examples are crafted on)")
     if cfg.graph not in GRAPHS:
         raise AtopError(f"unknown --graph {cfg.graph!r}; valid: {', '.join(GRAPHS)}")
-    if cfg.samples is not None and cfg.samples < 1:
-        raise AtopError(f"--samples must be positive, got {cfg.samples}")
+    for name in ("samples", "attack_samples"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise AtopError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.n < 1 or cfg.batch_size < 1:
         raise AtopError(f"--n and --batch-size must be positive, got {cfg.n} and {cfg.batch_size}")
     for a in cfg.attacks:
