@@ -76,6 +76,13 @@ def test_atop_step_changes_only_the_purifier(tmp_path):
     card = modelio.read_card(tmp_path / "out")
     assert card["purifier"]["atop"]["classifier_unchanged"] is True
     assert (tmp_path / "out" / "grid_epoch001.png").exists()
+    assert "atop_earlier" not in card["purifier"]
+
+    # fine-tuning the fine-tuned folder again keeps the first stage's record
+    cfg2 = PurifierConfig(mode="atop", epochs=1, limit=100, batch_size=100, eval_n=20, data=str(DATA_ROOT), lam=0.5)
+    train(cfg2, tmp_path / "out2", tmp_path / "out", show_progress=False)
+    pur = modelio.read_card(tmp_path / "out2")["purifier"]
+    assert pur["atop_earlier"] == [card["purifier"]["atop"]] and pur["atop"]["config"]["lam"] == 0.5
 
 
 def test_pretraining_lowers_the_reconstruction_loss(tmp_path):

@@ -286,6 +286,9 @@ def _write_folder(cfg, out, clf_source, src_card, g, rt, history, elapsed, acc, 
              "history": history, "classifier_unchanged": True}
     pur = dict(src_card.get("purifier", {})) if cfg.mode == "atop" else {}
     pur.update({"arch": cfg.arch, "file": modelio.PURIFIER_FILE, "rt": rt.to_dict()})
+    if cfg.mode == "atop" and "atop" in pur:
+        # fine-tuning an already fine-tuned purifier: keep the earlier stages' records (oldest first)
+        pur["atop_earlier"] = [*pur.get("atop_earlier", []), pur["atop"]]
     pur["pretraining" if cfg.mode == "pretrain" else "atop"] = stage
     pur.setdefault("metrics", {})[f"{cfg.mode}_clean_acc_k1"] = {"value": acc, "n": n_eval, "note": "balanced test subset, K=1, seed 0"}
     pur["sha256"] = modelio.save_weights(g, out / modelio.PURIFIER_FILE)
