@@ -12,6 +12,7 @@ from PIL import Image
 
 from atop_serve import modelio
 from atop_serve.errors import AtopError
+from atop_serve.settings import Settings
 from training import loadgen
 from training.loadgen import Payload, latency_summary, percentile, run_load
 
@@ -171,7 +172,7 @@ def test_quick_bench_writes_report(serving_folder, tmp_path, monkeypatch):
 
     http = r["http"]
     [run] = http["runs"]
-    assert run["max_batch_size"] == 128 and run["server"]["backend"] == "onnxruntime"
+    assert run["max_batch_size"] == Settings().max_batch_size and run["server"]["backend"] == "onnxruntime"
     assert [lv["concurrency"] for lv in run["levels"]] == [1, 4]
     for lv in run["levels"]:
         assert lv["sent"] > 0 and lv["errors"] == 0 and lv["requests_per_s"] > 0 and lv["latency_ok"]["p50_ms"] > 0
@@ -179,7 +180,7 @@ def test_quick_bench_writes_report(serving_folder, tmp_path, monkeypatch):
         sv = lv["server"]  # the server's own account (/metrics): every request, one row each, in model calls
         assert sv["requests"] == lv["sent"] and sv["rows"] == lv["sent"] and 1 <= sv["model_calls"] <= lv["sent"]
         assert sv["request_mean_ms"] > 0 and sv["infer_mean_ms"] > 0 and sv["model_busy_share_est"] > 0
-    assert http["choice"]["max_batch_size"] == 128 and http["choice"]["max_latency_ms"] >= 1000 and http["choice"]["why"]
+    assert http["choice"]["max_batch_size"] == Settings().max_batch_size and http["choice"]["max_latency_ms"] >= 1000 and http["choice"]["why"]
 
     assert [b["passed"] is not None for b in r["bars"]] == [True, True, True]
     md = (out / "report.md").read_text()
@@ -197,10 +198,10 @@ def test_bench_drives_a_running_server(serving_folder, server):
                       concurrency=(2,), requests=6, level_seconds=5, url=server.url, threads=1, budget_s=600)
     r = run_bench(cfg, log=lambda m: None)
     [run] = r["http"]["runs"]
-    assert run["max_batch_size"] == 128 and run["server"]["backend"] == "onnxruntime" and "startup_s" not in run
+    assert run["max_batch_size"] == Settings().max_batch_size and run["server"]["backend"] == "onnxruntime" and "startup_s" not in run
     [level] = run["levels"]
     assert level["sent"] == 6 and level["errors"] == 0 and level["ok"] == 6
-    assert r["http"]["choice"]["max_batch_size"] == 128
+    assert r["http"]["choice"]["max_batch_size"] == Settings().max_batch_size
 
 
 @pytest.mark.parametrize("args,message", [

@@ -1090,7 +1090,7 @@ def _drive_levels(url, payloads, levels, preset: Preset, deadline: float, runs_l
 
 def _server_side(delta: dict | None, wall_s: float, model_rows_per_s: dict) -> dict | None:
     """The server's account of a level plus an estimate of how busy the model worker was: its rows at the
-    model-level ONNX Runtime fp32 rate for the nearest measured batch size to its mean rows per call."""
+    model-level rate of the backend the service runs (``served_backend``) at its mean rows per call."""
     if not delta:
         return None
     if delta.get("rows_per_call") and model_rows_per_s and wall_s > 0:
@@ -1254,18 +1254,21 @@ def suggestions(report: dict) -> list[str]:
     http_bar = bars.get("HTTP")
     if http_bar and http_bar["passed"] is False:
         draw = ref.get("rt_draws") or {}
-        served = (ml.get("best_per_backend") or {}).get("ort-fp32")
+        name = served_backend(ml)
+        served = (ml.get("best_per_backend") or {}).get(name)
+        graph = "pipeline.opt.onnx (the shipped faster variant)" if name == "ort-opt" else "pipeline.onnx (fp32)"
         out.append(
             f"HTTP: {http_bar['detail']}."
-            + (f" The service runs pipeline.onnx (fp32), whose model-level best is {served['images_per_s']:,.0f} "
+            + (f" The service runs {graph}, whose model-level best is {served['images_per_s']:,.0f} "
                f"images/s (batch {served['batch']})." if served else "")
             + _server_split(report)
             + " Per request the server parses a multipart body, decodes a JPEG, derives a 128-bit seed and draws RT "
               f"inputs per row ({draw.get('service_us_per_row', '?')} us per row, vs {draw.get('batched_us_per_row', '?')} "
               "us drawn batched), ships the row to the model worker and back, and waits in BentoML's adaptive batching "
               "queue; the load generator runs on the same cores. To try: the load generator on another machine, a "
-              "larger max_batch_size while requests/s still rises with it, per-call instead of per-row draws, serving "
-              "pipeline.opt.onnx when the export shipped one, and /classify_batch for clients with several images.")
+              "larger max_batch_size while requests/s still rises with it, per-call instead of per-row draws, "
+              "several model workers or a server that batches without a second process, and /classify_batch for clients "
+              "with several images.")
     return out
 
 
@@ -1366,9 +1369,16 @@ def run_bench(cfg: BenchConfig, log: Callable = print) -> dict:
     return report
 
 
+def served_backend(ml: dict) -> str:
+    """The backend the service runs on this CPU machine: the shipped faster variant (ATOP_GRAPH=auto picks
+    pipeline.opt.onnx on the CPU provider) when it was measured, else pipeline.onnx (fp32)."""
+    return "ort-opt" if ml["backends"].get("ort-opt", {}).get("status") == "ok" else "ort-fp32"
+
+
 def _ort_rows_per_s(ml: dict) -> dict:
-    """ort-fp32 (what the service runs) pipeline K = 1 rows/s by batch size: sizes the largest-request estimate."""
-    b = ml["backends"].get("ort-fp32", {})
+    """The served backend's pipeline K = 1 rows/s by batch size: sizes the largest-request estimate and the
+    model worker's busy share."""
+    b = ml["backends"].get(served_backend(ml), {})
     return {c["batch"]: c["rows_per_s"] for c in _cells(b, "pipeline", 1)}
 
 
@@ -1532,7 +1542,8 @@ def markdown(r: dict, images: list[str]) -> str:
         if sides:
             L += ["", "Server side, from its /metrics (per level): mean time of a request in the public service, mean time "
                       "of the model service's batched call (queue + model), model calls, rows per call, and how busy the "
-                      "model worker was (estimate: its rows at the model-level ort-fp32 rate).", "",
+                      f"model worker was (estimate: its rows at the model-level {served_backend(r['model_level'])} rate, the "
+                      "graph the service runs).", "",
                   "| max_batch_size | concurrency | request mean ms | model call mean ms | model calls | rows per call "
                   "| model busy (est.) |", "|---:|---:|---:|---:|---:|---:|---:|"]
             for mbs, c, sv in sides:

@@ -180,7 +180,7 @@ async def _drive(url, payloads, concurrency, max_requests, max_seconds, endpoint
     first_errors: list[str] = []
     issued = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    form = {"samples": str(samples)} if samples != 1 else None
+    form = {"samples": str(samples)}  # always explicit: a server's default K is the model card's
     t0 = time.perf_counter()
     deadline = t0 + max_seconds
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s, trust_env=False) as client:
