@@ -263,6 +263,15 @@ def test_report_folder_and_resume(tmp_path, png_data, monkeypatch, capsys):
     assert "K = 3" in (out / "report.md").read_text()
 
 
+def _preset(monkeypatch, capsys, preset, models, attacks, png_data, out, *extra):
+    """Run ``atop eval --preset`` on 10 images of the PNG dataset; fails the test on a non-zero exit."""
+    code, stdout, err = _cli(monkeypatch, capsys, "eval", "--preset", preset, "--model", models, "--attacks", attacks,
+                             "--n", "10", "--data", str(png_data), "--out", str(out), "--no-progress", "--device",
+                             "cpu", *extra)
+    assert code in (0, None), err
+    return stdout
+
+
 def test_transfer_threat_and_table7(tmp_path, png_data, monkeypatch, capsys):
     model = make_model_folder(tmp_path / "model", tta="none")
     source = make_model_folder(tmp_path / "source", seed=1, tta="none")
@@ -274,18 +283,12 @@ def test_transfer_threat_and_table7(tmp_path, png_data, monkeypatch, capsys):
     rep = json.loads((out / "report.json").read_text())
     assert rep["threat"] == "transfer" and rep["source"] == str(source)
 
-    code, stdout, err = _cli(monkeypatch, capsys, "eval", "--preset", "table7", "--model", f"{model},{source}",
-                             "--attacks", "clean,fgsm", "--n", "10", "--data", str(png_data), "--out",
-                             str(tmp_path / "t7"), "--no-progress", "--device", "cpu")
-    assert code in (0, None), err
+    _preset(monkeypatch, capsys, "table7", f"{model},{source}", "clean,fgsm", png_data, tmp_path / "t7")
     table = (tmp_path / "t7" / "table7.md").read_text()
     assert "| model | RT | clean | fgsm |" in table and "| source | rt2 |" in table
 
     # rows sharing a classifier (one folder, two RT kinds) craft each attack once and purify it per row
-    code, stdout, err = _cli(monkeypatch, capsys, "eval", "--preset", "table7", "--model", str(model), "--rt",
-                             "rt1,rt2", "--attacks", "clean,pgd-2", "--n", "10", "--data", str(png_data), "--out",
-                             str(tmp_path / "t7b"), "--no-progress", "--device", "cpu")
-    assert code in (0, None), err
+    _preset(monkeypatch, capsys, "table7", str(model), "clean,pgd-2", png_data, tmp_path / "t7b", "--rt", "rt1,rt2")
     first = json.loads((tmp_path / "t7b" / "model-rt1" / "report.json").read_text())["results"]["pgd-2"]
     second = json.loads((tmp_path / "t7b" / "model-rt2" / "report.json").read_text())["results"]["pgd-2"]
     assert "examples_reused" not in first and second["examples_reused"] == 10
@@ -302,10 +305,7 @@ def test_table1_bare_and_purified_rows_share_examples(tmp_path, png_data, monkey
     del card["purifier"]
     modelio.write_card(clf, card)
     (clf / "purifier.safetensors").unlink(missing_ok=True)
-    code, stdout, err = _cli(monkeypatch, capsys, "eval", "--preset", "table1", "--model", f"{clf},{model}",
-                             "--attacks", "clean,fgsm,pgd-l2-2", "--n", "10", "--data", str(png_data), "--out",
-                             str(tmp_path / "t1"), "--no-progress", "--device", "cpu")
-    assert code in (0, None), err
+    _preset(monkeypatch, capsys, "table1", f"{clf},{model}", "clean,fgsm,pgd-l2-2", png_data, tmp_path / "t1")
     table = (tmp_path / "t1" / "table1.md").read_text()
     assert "| vanilla | bare |" in table and "| atop | classifier |" in table
     bare = json.loads((tmp_path / "t1" / "vanilla" / "report.json").read_text())
