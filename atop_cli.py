@@ -22,7 +22,7 @@ DataOpt = typer.Option("", "--data", help="Dataset root: image-folder tree (<roo
 # options shared by the training commands
 LimitOpt = typer.Option(0, help="Train on a class-balanced subset of N images (0: all).")
 SeedOpt = typer.Option(0, help="Random seed.")
-Bf16Opt = typer.Option(True, help="bf16 autocast.")
+Bf16Opt = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: where it is faster: CUDA, or a CPU with AMX).", show_default=False)
 DeviceOpt = typer.Option("auto", help="auto, cpu or cuda.")
 ResumeOpt = typer.Option(False, help="Resume from <out>/checkpoint.")
 ProgressOpt = typer.Option(True, help="Show a progress bar.")
@@ -48,17 +48,17 @@ def data(
 @train_app.command("classifier")
 def train_classifier(
     out: Path = typer.Option(..., help="Output model folder (card.json + classifier.safetensors + checkpoint/)."),
-    arch: str = typer.Option("airnet", help="Architecture from the registry: airnet, resnet18, wrn-28-10."),
+    arch: str = typer.Option("airnet", help="Architecture from the registry: airnet, airnet-wide, resnet18, wrn-28-10."),
     epochs: int = typer.Option(16, help="Training epochs."),
     batch_size: int = typer.Option(1024, help="Global batch size."),
     lr: float = typer.Option(11.5, help="Learning rate per 1024 examples (airbench scaling)."),
-    adversarial: str = typer.Option("none", help="Adversarial training: none, fgsm-rs, pgd (l_inf 8/255)."),
+    adversarial: str = typer.Option("none", help="Adversarial training at l_inf 8/255: none, fgsm-rs, n-fgsm (single step, no catastrophic overfitting; the recommended AT baseline), pgd (PGD-7, 7x the cost)."),
     tta: str = typer.Option("flip-translate", help="Test-time augmentation the model card prescribes: none, flip, flip-translate."),
     limit: int = LimitOpt,
     eval_n: int = typer.Option(0, help="Class-balanced test images for the final accuracy (0: all 10,000)."),
     stop_after: int = typer.Option(0, help="End this run after N epochs; continue later with --resume (0: run to the end)."),
     seed: int = SeedOpt,
-    bf16: bool = Bf16Opt,
+    bf16: Optional[bool] = Bf16Opt,
     device: str = DeviceOpt,
     data: str = DataOpt,
     resume: bool = ResumeOpt,
@@ -67,8 +67,10 @@ def train_classifier(
     """Train a CIFAR-10 classifier (airbench recipe); checkpoints every epoch; writes a model folder."""
     from training.classifier import ClassifierConfig, train
 
-    if adversarial not in ("none", "fgsm-rs", "pgd"):
-        raise AtopError(f"unknown --adversarial {adversarial!r}; use none, fgsm-rs or pgd")
+    from training.classifier import ADVERSARIAL
+
+    if adversarial not in ADVERSARIAL:
+        raise AtopError(f"unknown --adversarial {adversarial!r}; use one of {', '.join(ADVERSARIAL)}")
     cfg = ClassifierConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, adversarial=adversarial, tta=tta,
                            limit=limit, eval_n=eval_n, stop_after=stop_after, seed=seed, bf16=bf16, device=device, data=data)
     train(cfg, out, resume=resume, show_progress=progress)
@@ -98,7 +100,7 @@ def train_purifier(
     limit: int = LimitOpt,
     eval_n: int = typer.Option(1000, help="Balanced test images for the final clean-accuracy check."),
     seed: int = SeedOpt,
-    bf16: bool = Bf16Opt,
+    bf16: Optional[bool] = Bf16Opt,
     device: str = DeviceOpt,
     data: str = DataOpt,
     resume: bool = ResumeOpt,
@@ -128,7 +130,7 @@ def train_atop(
     limit: int = LimitOpt,
     eval_n: int = typer.Option(1000, help="Balanced test images for the final clean-accuracy check."),
     seed: int = SeedOpt,
-    bf16: bool = Bf16Opt,
+    bf16: Optional[bool] = Bf16Opt,
     device: str = DeviceOpt,
     data: str = DataOpt,
     resume: bool = ResumeOpt,
@@ -216,10 +218,11 @@ def export(
     out: Optional[Path] = typer.Option(None, "--out", help="Serving folder to write: card.json + pipeline.onnx (+ pipeline.opt.onnx, pipeline.trt.ep). Default: the model folder itself (files added, card updated in place)."),
     name: str = typer.Option("atop-default", "--name", help="Model name in the BentoML store ($BENTOML_HOME, default ~/bentoml)."),
     register: bool = typer.Option(True, "--register/--no-register", help="Also save the serving folder into the BentoML model store."),
-    verify_n: int = typer.Option(1000, "--verify-n", help="Class-balanced test images for the exported-vs-PyTorch check (and the variant accuracy gate)."),
+    verify_n: int = typer.Option(1000, "--verify-n", help="Class-balanced test images for the exported-vs-PyTorch check (and the variant's clean-accuracy gate)."),
     data: str = DataOpt,
-    optimize: bool = typer.Option(True, "--optimize/--no-optimize", help="Build, measure and (if within 0.5 point of fp32 accuracy and >=1.1x faster) ship a faster CPU variant."),
-    calib_n: int = typer.Option(256, "--calib-n", help="Training images calibrating the int8 candidate."),
+    optimize: bool = typer.Option(True, "--optimize/--no-optimize", help="Build, measure and (if >= 1.1x faster and within 0.5 point of fp32 in clean and robust accuracy) ship a faster CPU variant."),
+    calib_n: int = typer.Option(1024, "--calib-n", help="Training images calibrating the int8 candidate."),
+    robust_n: int = typer.Option(1000, "--robust-n", help="Verification images attacked (PGD-20 on the classifier) for the variant's robust-accuracy gate (0: gate on clean accuracy only)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the verification subset and of the shared mask/noise draws."),
     list_store: bool = typer.Option(False, "--list", help="List the BentoML store entries (name:version, size, created, metrics) and exit."),
 ):
@@ -235,7 +238,7 @@ def export(
     from export.build import export_model
 
     summary = export_model(model, out, fmt=fmt, name=name, register=register, verify_n=verify_n, data=data or None,
-                           optimize=optimize, calib_n=calib_n, seed=seed,
+                           optimize=optimize, calib_n=calib_n, robust_n=robust_n, seed=seed,
                            command=" ".join(["atop", *sys.argv[1:]]), log=lambda m: typer.echo(m, err=True))
     typer.echo(json.dumps(summary, indent=1))
 

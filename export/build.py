@@ -131,7 +131,7 @@ def _commit(tmp: Path, out: Path, in_place: bool) -> None:
 
 
 def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-default", register: bool = True,
-                 verify_n: int = 1000, data=None, optimize: bool = True, calib_n: int = 256, seed: int = 0, bench_reps: int = 7,
+                 verify_n: int = 1000, data=None, optimize: bool = True, calib_n: int = 1024, robust_n: int = 1000, seed: int = 0, bench_reps: int = 7,
                  command: str | None = None, log=print) -> dict:
     """Export, verify and register a model folder; returns a summary (serving folder, store tag, numbers).
 
@@ -149,6 +149,8 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
                               "Use --format onnx on this machine.")
     if verify_n < 1:
         raise ExportError(f"--verify-n must be >= 1, got {verify_n}")
+    if robust_n < 0 or calib_n < 0:
+        raise ExportError(f"--robust-n and --calib-n must be >= 0, got {robust_n} and {calib_n}")
     src = modelio.resolve(model)
     card = modelio.read_card(src)
     if "purifier" not in card:
@@ -179,7 +181,7 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
         t_onnx = time.perf_counter() - t0
         vset = verify.load_images(verify_n, data, "test", seed)
         log(f"  ONNX graph written in {t_onnx:.1f} s; verifying on {len(vset)} images ({vset.source})")
-        ver_onnx, _, onnx_logits = verify.verify_onnx(pipeline, onnx_path, vset, seed=seed)
+        ver_onnx, _, _ = verify.verify_onnx(pipeline, onnx_path, vset, seed=seed)
         log(f"  ONNX Runtime CPU vs PyTorch: max |diff| {ver_onnx['max_abs_diff']:.2e}, "
             f"top-1 agreement {100 * ver_onnx['top1_agreement']:.2f} %"
             + (f", clean accuracy {100 * ver_onnx['accuracy']:.2f} %" if "accuracy" in ver_onnx else ""))
@@ -204,9 +206,14 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
             from .optimize import select_variant
 
             calib = verify.load_images(calib_n, data, "train", seed) if calib_n > 0 else None
-            variant, vrec = select_variant(onnx_path, tmp, vset, onnx_logits, rt,
-                                           calib.images if calib is not None else None,
-                                           calib.source if calib is not None else "", seed=seed, reps=bench_reps, log=log)
+            robust = None
+            if robust_n > 0 and vset.labels is not None:
+                t1 = time.perf_counter()
+                robust = verify.adversarial_set(pipeline.classifier, vset, robust_n, seed=seed)
+                log(f"  {len(robust)} adversarial images for the variant gate in {time.perf_counter() - t1:.1f} s")
+            variant, vrec = select_variant(onnx_path, tmp, vset, rt, calib.images if calib is not None else None,
+                                           calib.source if calib is not None else "", seed=seed, reps=bench_reps,
+                                           samples=modelio.default_samples(card), robust=robust, log=log)
             if variant is not None:
                 variant.replace(tmp / modelio.OPT_ONNX_FILE)
                 files[modelio.OPT_ONNX_FILE] = {"precision": "int8" if vrec["shipped"] == "int8" else "fp32",

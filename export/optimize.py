@@ -29,7 +29,7 @@ import numpy as np
 
 from atop_serve.config import RTConfig
 
-from .verify import TOLERANCES, VerificationSet, compare_logits, draws, session_logits
+from .verify import TOLERANCES, VerificationSet, draws, session_logits
 
 CANDIDATES = ("ort-offline", "int8")
 
@@ -55,6 +55,27 @@ def _calibration_batches(input_names, images: np.ndarray, rt: RTConfig, batch: i
     return out
 
 
+def edge_layers(path: Path, max_channels: int = 16) -> list[str]:
+    """Conv/MatMul/Gemm nodes at the image and class ends of the graph: weights with <= ``max_channels`` input or
+    output channels (the purifier's first and last convolutions, the classifier's whitening conv and head).
+    They hold a tiny share of the FLOPs, int8 rounds pixel- and logit-level values hardest there, and their
+    quantise/dequantise overhead outweighs the int8 gain: they stay fp32."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:  # weights stored in half precision reach the layer through a Cast
+        if node.op_type == "Cast" and node.input and node.input[0] in dims:
+            dims[node.output[0]] = dims[node.input[0]]
+    out = []
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in dims:
+            w = dims[node.input[1]]
+            if len(w) >= 2 and min(w[0], w[1]) <= max_channels:
+                out.append(node.name)
+    return out
+
+
 def build_int8(src: Path, dst: Path, calib_images: np.ndarray, rt: RTConfig) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -76,8 +97,10 @@ def build_int8(src: Path, dst: Path, calib_images: np.ndarray, rt: RTConfig) -> 
             return next(self._it, None)
 
     reader = Reader()
+    excluded = edge_layers(src)
     quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=excluded)
     if pre != src:
         pre.unlink(missing_ok=True)
     return dst
@@ -103,18 +126,37 @@ def benchmark(paths: dict[str, Path], rt: RTConfig, batch: int = 64, reps: int =
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def select_variant(fp32_path: Path, workdir: Path, vset: VerificationSet, fp32_logits: np.ndarray, rt: RTConfig,
+def _accuracy_gate(fp32_session, session, vset: VerificationSet, d: dict, fp32_pred: np.ndarray | None = None) -> dict:
+    """Paired comparison of a candidate with fp32 on the same images and draws (accuracy, drop, lost/gained)."""
+    ref = fp32_pred if fp32_pred is not None else session_logits(fp32_session, vset.images, d).argmax(1)
+    pred = session_logits(session, vset.images, d).argmax(1)
+    rec = {"n": int(len(pred)), "top1_agreement_with_fp32": float((pred == ref).mean())}
+    if vset.labels is not None:
+        ok_ref, ok = ref == vset.labels, pred == vset.labels
+        rec.update({"accuracy_fp32": float(ok_ref.mean()), "accuracy": float(ok.mean()),
+                    "drop_points": round(100 * float(ok_ref.mean() - ok.mean()), 2),
+                    "lost": int((ok_ref & ~ok).sum()), "gained": int((~ok_ref & ok).sum())})
+    return rec
+
+
+def select_variant(fp32_path: Path, workdir: Path, vset: VerificationSet, rt: RTConfig,
                    calib_images: np.ndarray | None, calib_source: str, seed: int = 0, candidates=CANDIDATES,
-                   reps: int = 7, log=print) -> tuple[Path | None, dict]:
-    """Build, measure and judge every candidate. Returns (path of the shipped variant or None, card record)."""
+                   reps: int = 7, samples: int = 1, robust: VerificationSet | None = None, log=print) -> tuple[Path | None, dict]:
+    """Build, measure and judge every candidate. Returns (path of the shipped variant or None, card record).
+
+    Speed first (K = 1, batch 64); a candidate fast enough is then compared with fp32 at K = ``samples`` (what the
+    service runs) on the same draws: clean accuracy on ``vset`` and, given ``robust`` (adversarial images crafted on
+    the eager classifier, ``verify.adversarial_set``), robust accuracy. Both must stay within the tolerance."""
     from .onnx_export import make_session
 
     tol = TOLERANCES["cpu-variant"]
     built: dict[str, Path] = {}
     record: dict = {"baseline": "pipeline.onnx (fp32)", "candidates": {}, "shipped": None,
-                    "rule": f"ship the fastest candidate with clean accuracy within {100 * tol['max_accuracy_drop']:g} point "
-                            f"of fp32 (no labels: top-1 agreement with fp32 >= {100 * tol['min_top1_agreement_without_labels']:g} %) "
-                            f"and speedup >= {tol['min_speedup']:g}x"}
+                    "rule": f"ship the fastest candidate with speedup >= {tol['min_speedup']:g}x whose clean accuracy and "
+                            f"robust accuracy (adversarial examples crafted on the classifier) are each within "
+                            f"{100 * tol['max_accuracy_drop']:g} point of fp32 at K = {samples}, same images and draws "
+                            f"(no labels: top-1 agreement with fp32 >= {100 * tol['min_top1_agreement_without_labels']:g} %)",
+                    "k": samples, "robust_set": robust.describe() if robust is not None else None}
     for name in candidates:
         dst = workdir / f"candidate-{name}.onnx"
         t0 = time.perf_counter()
@@ -136,37 +178,47 @@ def select_variant(fp32_path: Path, workdir: Path, vset: VerificationSet, fp32_l
                                       "bytes": dst.stat().st_size}
         if name == "int8":
             record["candidates"][name]["calibration"] = {"images": int(len(calib_images)), "source": calib_source,
-                                                         "method": "min-max, QDQ, per-channel int8 weights, uint8 activations"}
+                                                         "method": "min-max, QDQ, per-channel int8 weights, uint8 activations",
+                                                         "kept_fp32": edge_layers(fp32_path)}
     if not built:
         return None, record
     latency = benchmark({"fp32": fp32_path, **built}, rt, reps=reps, seed=seed)
     record["speed"] = {"batch": 64, "k": 1, "statistic": f"median of {reps} interleaved runs after a warm-up", "fp32_ms": round(latency["fp32"], 2),
                        "fp32_images_per_s": round(64000 / latency["fp32"], 1)}
-    d = draws(rt, len(vset), 1, seed)
+    fp32 = make_session(fp32_path)
+    sets = {"clean": (vset, draws(rt, len(vset), samples, seed))}
+    if robust is not None:
+        sets["robust"] = (robust, draws(rt, len(robust), samples, seed + 1))
+    fp32_pred: dict[str, np.ndarray] = {}
     best = None
     for name, path in built.items():
-        out = session_logits(make_session(path), vset.images, d)
-        res = compare_logits(fp32_logits, out, vset.labels)
         speedup = latency["fp32"] / latency[name]
         rec = record["candidates"][name]
         rec.update({"ms_per_batch": round(latency[name], 2), "images_per_s": round(64000 / latency[name], 1),
-                    "speedup": round(speedup, 3), "top1_agreement_with_fp32": res["top1_agreement"],
-                    "max_abs_diff_vs_fp32": res["max_abs_diff"], "n": res["n"]})
-        if vset.labels is not None:
-            rec["accuracy_fp32"], rec["accuracy"] = res["accuracy_reference"], res["accuracy"]
-            rec["accuracy_drop_points"] = round(100 * (res["accuracy_reference"] - res["accuracy"]), 2)
-            accurate = res["accuracy_reference"] - res["accuracy"] <= tol["max_accuracy_drop"]
-        else:
-            accurate = res["top1_agreement"] >= tol["min_top1_agreement_without_labels"]
+                    "speedup": round(speedup, 3)})
         fast = speedup >= tol["min_speedup"]
-        rec["accepted"] = bool(accurate and fast)
-        rec["reason"] = ("within tolerance and faster" if rec["accepted"] else
-                         "; ".join(r for r, bad in (("accuracy outside tolerance", not accurate),
-                                                    (f"speedup {speedup:.2f}x below {tol['min_speedup']:g}x", not fast)) if bad))
-        log(f"  variant {name}: {latency[name]:.1f} ms/batch vs fp32 {latency['fp32']:.1f} ({speedup:.2f}x), "
-            f"top-1 agreement {100 * res['top1_agreement']:.2f} %"
-            + (f", accuracy {100 * res['accuracy']:.2f} % vs {100 * res['accuracy_reference']:.2f} %" if vset.labels is not None else "")
-            + f" -> {'accepted' if rec['accepted'] else 'rejected: ' + rec['reason']}")
+        if not fast:  # not worth shipping whatever its accuracy: not measured
+            rec.update({"accepted": False, "reason": f"speedup {speedup:.2f}x below {tol['min_speedup']:g}x (accuracy not measured)"})
+            log(f"  variant {name}: {latency[name]:.1f} ms/batch vs fp32 {latency['fp32']:.1f} ({speedup:.2f}x) -> rejected: too slow")
+            continue
+        session, fails, parts = make_session(path), [], []
+        for what, (vs, d) in sets.items():
+            if what not in fp32_pred:
+                fp32_pred[what] = session_logits(fp32, vs.images, d).argmax(1)
+            g = _accuracy_gate(fp32, session, vs, d, fp32_pred[what])
+            rec[what] = g
+            if "accuracy" in g:
+                parts.append(f"{what} {100 * g['accuracy']:.1f} vs {100 * g['accuracy_fp32']:.1f} %")
+                if g["drop_points"] > 100 * tol["max_accuracy_drop"]:
+                    fails.append(f"{what} accuracy {g['drop_points']:.1f} points below fp32")
+            else:
+                parts.append(f"{what} top-1 agreement {100 * g['top1_agreement_with_fp32']:.1f} %")
+                if g["top1_agreement_with_fp32"] < tol["min_top1_agreement_without_labels"]:
+                    fails.append(f"{what} top-1 agreement below {100 * tol['min_top1_agreement_without_labels']:g} %")
+        rec["accepted"] = not fails
+        rec["reason"] = "within tolerance and faster" if not fails else "; ".join(fails)
+        log(f"  variant {name}: {latency[name]:.1f} ms/batch vs fp32 {latency['fp32']:.1f} ({speedup:.2f}x), K = {samples}: "
+            + ", ".join(parts) + f" -> {'accepted' if rec['accepted'] else 'rejected: ' + rec['reason']}")
         if rec["accepted"] and (best is None or latency[name] < latency[best]):
             best = name
     record["shipped"] = best

@@ -132,14 +132,46 @@ def test_cpu_variant_recorded(exported):
     built = {k: c for k, c in rec["candidates"].items() if c["built"]}
     assert "ort-offline" in built
     for c in built.values():
-        assert c["speedup"] > 0 and 0 <= c["top1_agreement_with_fp32"] <= 1 and c["accepted"] in (True, False)
-        if "accuracy" in c:
-            assert c["accepted"] == (c["accuracy_drop_points"] <= 0.5 and c["speedup"] >= 1.1)
+        assert c["speedup"] > 0 and c["accepted"] in (True, False)
+        if "clean" in c:
+            assert 0 <= c["clean"]["top1_agreement_with_fp32"] <= 1  # measured (fast enough): clean and robust gates, paired with fp32 at the card's K
+            assert c["clean"]["n"] == VERIFY_N and c["robust"]["n"] == VERIFY_N
+            assert c["accepted"] == (c["clean"]["drop_points"] <= 0.5 and c["robust"]["drop_points"] <= 0.5
+                                     and c["speedup"] >= 1.1)
+        else:
+            assert c["speedup"] < 1.1 and not c["accepted"]
+    assert rec["robust_set"]["n"] == VERIFY_N and "PGD-20" in rec["robust_set"]["source"]
     if rec["shipped"]:
         assert built[rec["shipped"]]["accepted"] and modelio.OPT_ONNX_FILE in ex["files"]
         assert _session(exported["out"] / modelio.OPT_ONNX_FILE).run(["probs"], _feed(exported["out"], 2))[0].shape == (2, 10)
     else:
         assert not (exported["out"] / modelio.OPT_ONNX_FILE).exists()
+
+
+def test_variant_gate_checks_robust_accuracy(exported, pipeline, tmp_path, monkeypatch):
+    """With a tolerance no candidate can meet, the int8 candidate is rejected on both gates, robust included;
+    the int8 graph keeps the layers at the image and class ends in fp32."""
+    from export import optimize, verify
+
+    out = exported["out"]
+    import onnx
+
+    graph = onnx.load(str(out / modelio.ONNX_FILE), load_external_data=False).graph
+    weight_of = {n.name: n.input[1] for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul")}
+    kept = {weight_of[n].split(".", 1)[1].removesuffix(".weight") for n in optimize.edge_layers(out / modelio.ONNX_FILE)}
+    assert kept == {"purifier.e1.conv", "purifier.out", "classifier.classifier.whiten", "classifier.classifier.head"}
+    vset = verify.load_images(40, None, "test", 0)
+    robust = verify.adversarial_set(pipeline.classifier, vset, 40, steps=2)
+    assert robust.images.shape == vset.images.shape and np.abs(robust.images - vset.images).max() <= 8 / 255 + 1e-6
+    monkeypatch.setitem(verify.TOLERANCES, "cpu-variant", {**verify.TOLERANCES["cpu-variant"], "min_speedup": 0.0,
+                                                           "max_accuracy_drop": -0.01})
+    calib = verify.load_images(20, None, "train", 0)
+    path, rec = optimize.select_variant(out / modelio.ONNX_FILE, tmp_path, vset, pipeline.transform, calib.images, "t",
+                                        candidates=("int8",), reps=1, samples=2, robust=robust, log=lambda m: None)
+    c = rec["candidates"]["int8"]
+    assert path is None and rec["shipped"] is None and not c["accepted"] and rec["k"] == 2
+    assert "robust accuracy" in c["reason"] and "clean accuracy" in c["reason"]
+    assert c["calibration"]["kept_fp32"] == optimize.edge_layers(out / modelio.ONNX_FILE)
 
 
 def _feed(folder, n):

@@ -57,6 +57,18 @@ def setup_runtime(device: str = "auto") -> Runtime:
     return Runtime(dev, rank, world)
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is the faster choice here: on CUDA where the GPU supports it, on CPU only with
+    AMX (``amx_bf16``). Without AMX, AVX-512 bf16 convolutions run slower than fp32 (measured on an Intel Xeon
+    with avx512_bf16 and no AMX: airnet trains at 230 images/s in bf16 and 349 in fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def sync_buffers(model: torch.nn.Module, rt: Runtime) -> None:
     """Give every rank rank 0's buffers (BatchNorm running statistics are updated from each rank's own
     shard after DDP's per-forward broadcast, so they drift apart on the last step)."""

@@ -68,7 +68,7 @@ class PurifierConfig:
     eps: float = 8 / 255
     clean_fraction: float = 0.5  # share of each batch kept clean (variant a); the rest is adversarial
     seed: int = 0
-    bf16: bool = True
+    bf16: bool | None = None  # None: where it is faster (common.fast_bf16)
     limit: int = 0
     data: str = ""
     device: str = "auto"
@@ -136,6 +136,8 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
     if cfg.attack_target not in ("classifier", "pipeline"):
         raise AtopError(f"unknown --attack-target {cfg.attack_target!r}; use classifier or pipeline")
     rtm = common.setup_runtime(cfg.device)
+    if cfg.bf16 is None:
+        cfg.bf16 = common.fast_bf16(rtm.device)
     torch.manual_seed(cfg.seed)
     source = modelio.resolve(source)
     src_card = modelio.read_card(source)

@@ -3,6 +3,7 @@
 - ``airnet`` (default): the airbench94 design (Keller Jordan): frozen-scale BatchNorm, a 2x2 patch-whitening
   first conv initialised from data, identity-initialised convs, widths 64/256/256, GELU, scaled logits.
   About 2 M parameters and 0.24 GFLOPs per image: fast on a 2-core CPU.
+- ``airnet-wide``: the same design at airbench95's widths 128/384/384 (2.3x the parameters; not trained here).
 - ``resnet18``: the CIFAR ResNet-18 of the AToP paper (3x3 stem, no max-pool).
 - ``wrn-28-10``: WideResNet-28-10 (for GPU runs).
 """
@@ -93,6 +94,11 @@ class AirNet(nn.Module):
 @register_classifier
 def airnet(num_classes: int = 10) -> nn.Module:
     return AirNet(num_classes)
+
+
+@register_classifier(name="airnet-wide")
+def airnet_wide(num_classes: int = 10) -> nn.Module:
+    return AirNet(num_classes, widths=(128, 384, 384))
 
 
 # --------------------------------------------------------------------------------------------- resnet18
