@@ -62,6 +62,8 @@ def test_adversarial_training_buys_robustness(tmp_path):
     _, test = load_cifar10(str(DATA_ROOT))
     sub = test.balanced_subset(200)
     std_rob = pgd_accuracy(std["model"], sub, 8 / 255, 10)
+    print(f"PGD-10: AT {card['test_acc_pgd10_tta_none']:.3f}, standard {std_rob:.3f}; clean AT {card['test_acc_tta_none']:.3f}, "
+          f"standard {std['metrics']['test_acc_tta_none']:.3f}")
     assert card["test_acc_pgd10_tta_none"] >= std_rob + 0.08, (card, std_rob)
     assert at["model"].whiten.weight.requires_grad and not std["model"].whiten.weight.requires_grad
 
