@@ -168,6 +168,7 @@ def eval_cmd(
     sanity: bool = typer.Option(False, "--sanity", help="Run and report the sanity checks (eps sweep, unbounded, steps/EOT, Square)."),
     sanity_queries: int = typer.Option(5000, help="Square queries in the sanity check."),
     sigma: Optional[float] = typer.Option(None, help="Override the RT noise sigma."),
+    rate: Optional[float] = typer.Option(None, help="Override the RT mask rate (share of blocks missing)."),
     rt: Optional[str] = typer.Option(None, help="Override the RT kind: rt1, rt2, rt3 (table7: comma-separated list)."),
     tta: Optional[str] = typer.Option(None, help="Override the classifier TTA: none, flip, flip-translate."),
     quantize: bool = typer.Option(False, help="Round adversarial images to 8 bits as the service does (BPDA gradients)."),
@@ -187,7 +188,7 @@ def eval_cmd(
     cfg = EvalConfig(threat=threat, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), n=n,
                      batch_size=batch_size, samples=samples, eot=eot, attack_samples=attack_samples,
                      eps=parse_number(eps) if eps is not None else None,
-                     alpha=parse_number(alpha) if alpha is not None else None, restarts=restarts, sigma=sigma,
+                     alpha=parse_number(alpha) if alpha is not None else None, restarts=restarts, sigma=sigma, rate=rate,
                      rt=rt, tta=tta, source=source, quantize=quantize, seed=seed, bf16=bf16, device=device, data=data,
                      sanity=sanity, eps_sweep=parse_eps_list(eps_sweep), sweep_attack=sweep_attack,
                      sanity_queries=sanity_queries, grid=grid, graph=graph)
@@ -243,30 +244,62 @@ def export(
     typer.echo(json.dumps(summary, indent=1))
 
 
+def _sweep(param: str, model: str, values: str, attacks: str, threat: str, n: int, samples, batch_size: int,
+           seed: int, data: str, out: Path, progress: bool) -> None:
+    from training.evaluate import EvalConfig
+    from training.sweep import sweep_rt
+
+    try:
+        vals = [float(s) for s in values.split(",") if s.strip()]
+    except ValueError:
+        raise AtopError(f"--{param}s must be comma-separated numbers, got {values!r}") from None
+    if not vals:
+        raise AtopError(f"--{param}s: give at least one value")
+    cfg = EvalConfig(threat=threat, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), n=n,
+                     samples=samples, batch_size=batch_size, seed=seed, data=data, grid=0)
+    sweep_rt(model, param, vals, cfg, out, show_progress=progress)
+
+
+SweepAttacks = typer.Option("clean,pgd-20", help="Attacks per point (see atop eval).")
+SweepThreat = typer.Option("classifier", help="Threat model (see atop eval); under 'classifier' the examples are crafted once for all points.")
+SweepSamples = typer.Option(None, help="K purifications per prediction (default: the card's).")
+SweepOut = typer.Option(..., help="Output folder (sweep.json, sweep.md, sweep.png, one report per point).")
+
+
 @app.command("sweep-sigma")
 def sweep_sigma_cmd(
     model: str = typer.Option(..., help="Model folder with a purifier (best: pre-trained with --sigma-range)."),
     sigmas: str = typer.Option("0,0.05,0.1,0.15,0.2,0.25", help="Comma-separated noise levels."),
-    attacks: str = typer.Option("clean,pgd-20", help="Attacks per sigma (see atop eval)."),
-    threat: str = typer.Option("classifier", help="Threat model (see atop eval)."),
+    attacks: str = SweepAttacks,
+    threat: str = SweepThreat,
     n: int = typer.Option(500, help="Class-balanced test images."),
+    samples: Optional[int] = SweepSamples,
     batch_size: int = typer.Option(250, help="Batch size."),
     seed: int = typer.Option(0, help="Seed."),
     data: str = DataOpt,
-    out: Path = typer.Option(..., help="Output folder (sweep.json, sweep.md, sweep.png, one report per sigma)."),
+    out: Path = SweepOut,
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Clean vs robust accuracy as a function of the RT noise sigma, plotted: choose sigma by measurement."""
-    from training.evaluate import EvalConfig
-    from training.sweep import sweep_sigma
+    _sweep("sigma", model, sigmas, attacks, threat, n, samples, batch_size, seed, data, out, progress)
 
-    try:
-        values = [float(s) for s in sigmas.split(",") if s.strip()]
-    except ValueError:
-        raise AtopError(f"--sigmas must be comma-separated numbers, got {sigmas!r}") from None
-    cfg = EvalConfig(threat=threat, attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), n=n,
-                     batch_size=batch_size, seed=seed, data=data, grid=0)
-    sweep_sigma(model, values, cfg, out, show_progress=progress)
+
+@app.command("sweep-rate")
+def sweep_rate_cmd(
+    model: str = typer.Option("default", help="Model folder with a purifier ('default': the shipped one)."),
+    rates: str = typer.Option("0,0.05,0.1,0.15,0.25", help="Comma-separated mask rates (share of blocks missing, in [0, 1))."),
+    attacks: str = SweepAttacks,
+    threat: str = SweepThreat,
+    n: int = typer.Option(1000, help="Class-balanced test images."),
+    samples: Optional[int] = SweepSamples,
+    batch_size: int = typer.Option(250, help="Batch size."),
+    seed: int = typer.Option(0, help="Seed."),
+    data: str = DataOpt,
+    out: Path = SweepOut,
+    progress: bool = typer.Option(True, help="Show progress bars."),
+):
+    """Clean vs robust accuracy as a function of the RT mask rate, plotted: the serving-time trade-off of masking."""
+    _sweep("rate", model, rates, attacks, threat, n, samples, batch_size, seed, data, out, progress)
 
 
 @app.command()

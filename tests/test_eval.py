@@ -314,6 +314,26 @@ def test_table1_bare_and_purified_rows_share_examples(tmp_path, png_data, monkey
     assert purified["results"]["pgd-l2-2"].get("examples_reused") == 10
 
 
+def test_rate_sweep_overrides_rt_and_crafts_once(tmp_path, png_data, monkeypatch, capsys):
+    model = make_model_folder(tmp_path / "model", tta="none")
+    out = tmp_path / "rates"
+    code, _, err = _cli(monkeypatch, capsys, "sweep-rate", "--model", str(model), "--rates", "0,0.5", "--attacks",
+                        "clean,pgd-2", "--n", "10", "--samples", "2", "--data", str(png_data), "--out", str(out),
+                        "--no-progress")
+    assert code in (0, None), err
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["param"] == "rate" and [r["rate"] for r in sweep["rows"]] == [0, 0.5] and sweep["samples"] == 2
+    assert (out / "sweep.png").is_file() and "| rate | clean | pgd-2 |" in (out / "sweep.md").read_text()
+    reports = [json.loads((out / f"rate-{v}" / "report.json").read_text()) for v in ("0", "0.5")]
+    assert [r["rt"]["rate"] for r in reports] == [0, 0.5]
+    assert [r["rt"]["sigma"] for r in reports] == [0.1, 0.1]  # the model's other RT settings are kept
+    assert "examples_reused" not in reports[0]["results"]["pgd-2"]
+    assert reports[1]["results"]["pgd-2"]["examples_reused"] == 10  # crafted on f once, purified per point
+    code, _, err = _cli(monkeypatch, capsys, "sweep-rate", "--model", str(model), "--rates", "1.5", "--n", "10",
+                        "--data", str(png_data), "--out", str(tmp_path / "bad"), "--no-progress")
+    assert code == 2 and "rate must be in [0, 1)" in err and len(err.strip().splitlines()) == 1, err
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--attacks", "pgdx"], "unknown attack"),
     (["--threat", "nope"], "unknown threat"),

@@ -258,6 +258,7 @@ class EvalConfig:
     alpha: float | None = None  # PGD step size, default eps/4
     restarts: int = 1
     sigma: float | None = None  # override the model's RT sigma
+    rate: float | None = None  # override the model's RT mask rate (share of blocks missing)
     rt: str | None = None  # override the RT kind
     tta: str | None = None  # override the classifier's TTA
     source: str | None = None  # transfer threat: model folder whose classifier crafts the examples
@@ -324,13 +325,17 @@ def load_models(folder, cfg: EvalConfig) -> Models:
     pipeline = None
     if cfg.threat != "bare":
         pipeline = modelio.load_pipeline(folder, samples=cfg.samples, tta=cfg.tta)
-        if cfg.sigma is not None or cfg.rt is not None:
+        if cfg.sigma is not None or cfg.rt is not None or cfg.rate is not None:
             d = pipeline.transform.to_dict()
             kind = cfg.rt or d["kind"]
             if kind not in RT_KINDS:
                 raise AtopError(f"unknown --rt {kind!r}; valid: {', '.join(RT_KINDS)}")
-            pipeline.transform = RTConfig.named(kind, sigma=d["sigma"] if cfg.sigma is None else cfg.sigma,
-                                                views=3 if kind == "rt3" else 1, rate=d["rate"], block=d["block"])
+            try:
+                pipeline.transform = RTConfig.named(kind, sigma=d["sigma"] if cfg.sigma is None else cfg.sigma,
+                                                    views=3 if kind == "rt3" else 1, block=d["block"],
+                                                    rate=d["rate"] if cfg.rate is None else cfg.rate)
+            except ValueError as e:
+                raise AtopError(f"bad RT override: {e}") from None
     fp = {"model": folder_fingerprint(folder)}
     source = None
     if cfg.threat == "transfer":
@@ -349,8 +354,8 @@ def load_models(folder, cfg: EvalConfig) -> Models:
         if not path.exists():
             raise AtopError(f"--graph {cfg.graph}: {path} does not exist (make it with `atop export`"
                             + (" --variants int8)" if cfg.graph == "opt" else ")"))
-        if cfg.sigma is not None or cfg.rt is not None or cfg.tta is not None:
-            raise AtopError("--graph scores the exported graph as built: --sigma, --rt and --tta cannot change it")
+        if cfg.sigma is not None or cfg.rt is not None or cfg.rate is not None or cfg.tta is not None:
+            raise AtopError("--graph scores the exported graph as built: --sigma, --rate, --rt and --tta cannot change it")
         served = GraphScorer(path, torch.get_num_threads())
         fp["graph"] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     return Models(classifier, pipeline, source, str(folder), fp, served)
@@ -656,11 +661,13 @@ def validate(cfg: EvalConfig) -> None:
     _device(cfg.device)
 
 
-def evaluate(folder, cfg: EvalConfig, show_progress: bool = True, out: Path | None = None) -> dict:
-    """Evaluate a model folder (``None``: the shipped one) under ``cfg``; with ``out``, write a report folder."""
+def evaluate(folder, cfg: EvalConfig, show_progress: bool = True, out: Path | None = None,
+             adv_cache: dict | None = None) -> dict:
+    """Evaluate a model folder (``None``: the shipped one) under ``cfg``; with ``out``, write a report folder.
+    ``adv_cache``: shared between calls, the ``classifier`` threat crafts each attack once per classifier."""
     validate(cfg)
     models = load_models(folder, cfg)
-    return run_eval(models, test_subset(cfg), cfg, Path(out) if out is not None else None, show_progress)
+    return run_eval(models, test_subset(cfg), cfg, Path(out) if out is not None else None, show_progress, adv_cache)
 
 
 def table7(folders: list[str], cfg: EvalConfig, out: Path, rts: list[str] | None = None,
