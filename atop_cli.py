@@ -260,46 +260,32 @@ def _sweep(param: str, model: str, values: str, attacks: str, threat: str, n: in
     sweep_rt(model, param, vals, cfg, out, show_progress=progress)
 
 
-SweepAttacks = typer.Option("clean,pgd-20", help="Attacks per point (see atop eval).")
-SweepThreat = typer.Option("classifier", help="Threat model (see atop eval); under 'classifier' the examples are crafted once for all points.")
-SweepSamples = typer.Option(None, help="K purifications per prediction (default: the card's).")
-SweepOut = typer.Option(..., help="Output folder (sweep.json, sweep.md, sweep.png, one report per point).")
+def _sweep_command(param: str, values: str, n_default: int, what: str, doc: str):
+    """``atop sweep-<param>``: one definition for every swept RT parameter."""
+
+    def command(
+        model: str = typer.Option("default", help="Model folder with a purifier ('default': the shipped one)."),
+        values_: str = typer.Option(values, f"--{param}s", help=f"Comma-separated {what}."),
+        attacks: str = typer.Option("clean,pgd-20", help="Attacks per point (see atop eval)."),
+        threat: str = typer.Option("classifier", help="Threat model (see atop eval); under 'classifier' the examples are crafted once for all points."),
+        n: int = typer.Option(n_default, help="Class-balanced test images."),
+        samples: Optional[int] = typer.Option(None, help="K purifications per prediction (default: the card's)."),
+        batch_size: int = typer.Option(250, help="Batch size."),
+        seed: int = typer.Option(0, help="Seed."),
+        data: str = DataOpt,
+        out: Path = typer.Option(..., help="Output folder (sweep.json, sweep.md, sweep.png, one report per point)."),
+        progress: bool = typer.Option(True, help="Show progress bars."),
+    ):
+        _sweep(param, model, values_, attacks, threat, n, samples, batch_size, seed, data, out, progress)
+
+    command.__doc__ = doc
+    app.command(f"sweep-{param}")(command)
 
 
-@app.command("sweep-sigma")
-def sweep_sigma_cmd(
-    model: str = typer.Option(..., help="Model folder with a purifier (best: pre-trained with --sigma-range)."),
-    sigmas: str = typer.Option("0,0.05,0.1,0.15,0.2,0.25", help="Comma-separated noise levels."),
-    attacks: str = SweepAttacks,
-    threat: str = SweepThreat,
-    n: int = typer.Option(500, help="Class-balanced test images."),
-    samples: Optional[int] = SweepSamples,
-    batch_size: int = typer.Option(250, help="Batch size."),
-    seed: int = typer.Option(0, help="Seed."),
-    data: str = DataOpt,
-    out: Path = SweepOut,
-    progress: bool = typer.Option(True, help="Show progress bars."),
-):
-    """Clean vs robust accuracy as a function of the RT noise sigma, plotted: choose sigma by measurement."""
-    _sweep("sigma", model, sigmas, attacks, threat, n, samples, batch_size, seed, data, out, progress)
-
-
-@app.command("sweep-rate")
-def sweep_rate_cmd(
-    model: str = typer.Option("default", help="Model folder with a purifier ('default': the shipped one)."),
-    rates: str = typer.Option("0,0.05,0.1,0.15,0.25", help="Comma-separated mask rates (share of blocks missing, in [0, 1))."),
-    attacks: str = SweepAttacks,
-    threat: str = SweepThreat,
-    n: int = typer.Option(1000, help="Class-balanced test images."),
-    samples: Optional[int] = SweepSamples,
-    batch_size: int = typer.Option(250, help="Batch size."),
-    seed: int = typer.Option(0, help="Seed."),
-    data: str = DataOpt,
-    out: Path = SweepOut,
-    progress: bool = typer.Option(True, help="Show progress bars."),
-):
-    """Clean vs robust accuracy as a function of the RT mask rate, plotted: the serving-time trade-off of masking."""
-    _sweep("rate", model, rates, attacks, threat, n, samples, batch_size, seed, data, out, progress)
+_sweep_command("sigma", "0,0.05,0.1,0.15,0.2,0.25", 500, "noise levels",
+               "Clean vs robust accuracy as a function of the RT noise sigma, plotted: choose sigma by measurement.")
+_sweep_command("rate", "0,0.05,0.1,0.15,0.25", 1000, "mask rates (share of blocks missing, in [0, 1))",
+               "Clean vs robust accuracy as a function of the RT mask rate, plotted: the serving-time trade-off of masking.")
 
 
 @app.command()
