@@ -126,9 +126,9 @@ def benchmark(paths: dict[str, Path], rt: RTConfig, batch: int = 64, reps: int =
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _accuracy_gate(fp32_session, session, vset: VerificationSet, d: dict, fp32_pred: np.ndarray | None = None) -> dict:
-    """Paired comparison of a candidate with fp32 on the same images and draws (accuracy, drop, lost/gained)."""
-    ref = fp32_pred if fp32_pred is not None else session_logits(fp32_session, vset.images, d).argmax(1)
+def _accuracy_gate(ref: np.ndarray, session, vset: VerificationSet, d: dict) -> dict:
+    """Paired comparison of a candidate with fp32's predictions ``ref`` on the same images and draws
+    (accuracy, drop, images lost/gained, top-1 agreement)."""
     pred = session_logits(session, vset.images, d).argmax(1)
     rec = {"n": int(len(pred)), "top1_agreement_with_fp32": float((pred == ref).mean())}
     if vset.labels is not None:
@@ -205,7 +205,7 @@ def select_variant(fp32_path: Path, workdir: Path, vset: VerificationSet, rt: RT
         for what, (vs, d) in sets.items():
             if what not in fp32_pred:
                 fp32_pred[what] = session_logits(fp32, vs.images, d).argmax(1)
-            g = _accuracy_gate(fp32, session, vs, d, fp32_pred[what])
+            g = _accuracy_gate(fp32_pred[what], session, vs, d)
             rec[what] = g
             if "accuracy" in g:
                 parts.append(f"{what} {100 * g['accuracy']:.1f} vs {100 * g['accuracy_fp32']:.1f} %")

@@ -87,14 +87,14 @@ def adversarial_set(classifier, vset: VerificationSet, n: int, eps: float = 8 / 
                     seed: int = 0, batch: int = 250) -> VerificationSet:
     """PGD-``steps`` (l_inf ``eps``, step eps/4, random start, fp32) crafted on the eager ``classifier`` alone for
     the first ``n`` labelled images of ``vset``: the `classifier` threat of `atop eval`, for the variant gate."""
+    import copy
+
     import torch
 
     from training.attacks import PGD
 
     if vset.labels is None:
         raise ExportError("adversarial verification images need labelled images")
-    import copy
-
     n = min(n, len(vset))
     # channels_last: the same function, about 20 % faster on CPU (oneDNN); on a copy, the caller's model is untouched
     model = copy.deepcopy(classifier).to(memory_format=torch.channels_last)

@@ -65,6 +65,3 @@ def sweep_rt(folder, param: str, values: list[float], cfg: EvalConfig, out: Path
     plt.close(fig)
     return result
 
-
-def sweep_sigma(folder, sigmas: list[float], cfg: EvalConfig, out: Path, show_progress: bool = True) -> dict:
-    return sweep_rt(folder, "sigma", sigmas, cfg, out, show_progress)
