@@ -174,7 +174,7 @@ def eval_cmd(
     quantize: bool = typer.Option(False, help="Round adversarial images to 8 bits as the service does (BPDA gradients)."),
     graph: str = typer.Option("torch", help="What scores the images: torch (eager pipeline), onnx (the folder's pipeline.onnx, as served) or opt (pipeline.opt.onnx, the faster CPU variant). Attacks take gradients in PyTorch either way."),
     seed: int = typer.Option(0, help="Seed for the subset, random starts and RT draws."),
-    bf16: bool = typer.Option(True, help="Attack gradients under bf16 autocast (accuracy is always fp32)."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="Attack gradients under bf16 autocast (default: where it is faster: CUDA, or a CPU with AMX); accuracy is always fp32.", show_default=False),
     device: str = DeviceOpt,
     data: str = DataOpt,
     out: Optional[Path] = typer.Option(None, help="Report folder: report.json, report.md, plots, per-attack results (resumable)."),

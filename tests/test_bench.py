@@ -88,6 +88,7 @@ def test_load_generator_counts_errors(server):
     assert r.errors == 4 and r.ok == 8 and r.error_kinds == {"HTTP 415": 2, "HTTP 400": 2}
     assert r.latency_ok["n"] == 8 and r.latency_ok["p50_ms"] > 0 and r.latency_all["n"] == 12
     assert r.requests_per_s > 0 and r.accuracy is None  # unlabelled payloads
+    assert 0 < r.client_cpu < 4  # the load generator's own CPU, in cores
     assert any("not an image" in e for e in r.first_errors)
     # still serving after the bad requests
     again = run_load(server.url, good, concurrency=2, max_requests=4, max_seconds=60)

@@ -192,7 +192,7 @@ def machine_info() -> dict:
     except (OSError, StopIteration, ValueError):
         pass
     versions = {}
-    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "bentoml", "httpx", "pillow",
+    for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "onnx", "numpy", "bentoml", "aiohttp", "pillow",
                 "torch-tensorrt", "tensorrt", "atop-serve"):
         try:
             versions[pkg] = metadata.version(pkg)
@@ -1015,7 +1015,7 @@ def http_level(cfg: BenchConfig, preset: Preset, folder: Path, work: Path, deadl
 
     defaults = settings_mod.Settings()
     payloads, source = loadgen.load_images(cfg.data, n=preset.http_images, seed=cfg.seed)
-    out: dict = {"images": source, "endpoint": "/classify", "samples": 1, "client": "training.loadgen (httpx.AsyncClient, "
+    out: dict = {"images": source, "endpoint": "/classify", "samples": 1, "client": "training.loadgen (aiohttp.ClientSession, "
                  "one task per in-flight request, on this machine: it shares the CPU with the server)", "runs": []}
     candidates = [None] if cfg.url else list(preset.batching or (defaults.max_batch_size,))
     latency_ms = defaults.max_latency_ms
@@ -1290,6 +1290,8 @@ def _server_split(report: dict) -> str:
             "the bottleneck is outside the model (request handling, transport, the client)." if busy < 0.5 else
             "the model itself is the bottleneck; faster model calls or larger batches help most." if busy > 0.8 else
             "both the model and the request handling around it count.")
+    if lv.get("client_cpu") is not None:
+        text += f" The load generator itself used {100 * lv['client_cpu']:.0f} % of a core."
     return text
 
 
@@ -1518,17 +1520,17 @@ def markdown(r: dict, images: list[str]) -> str:
     if http:
         L += ["", "### HTTP level", "", f"`bentoml serve` on 127.0.0.1, `{http['endpoint']}` with one image per request "
               f"(K = {http['samples']}); images: {http['images']}; client: {http['client']}. Each level stops at its "
-              f"request count or time limit.", "",
+              f"request count or time limit. Client CPU: the share of one core the load generator itself used.", "",
               "| max_batch_size | concurrency | requests/s | p50 ms | p95 ms | p99 ms | errors | sent | accuracy "
-              "| share of best model level |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| share of best model level | client CPU |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for run in http["runs"]:
             if run.get("skipped") or run.get("error"):
                 why = run.get("skipped") or run["error"].splitlines()[0][:80]
-                L.append(f"| {run.get('max_batch_size')} | | {why} | | | | | | | |")
+                L.append(f"| {run.get('max_batch_size')} | | {why} | | | | | | | | |")
                 continue
             for lv in run["levels"]:
                 if "requests_per_s" not in lv:
-                    L.append(f"| {run['max_batch_size']} | {lv['concurrency']} | {lv.get('skipped')} | | | | | | | |")
+                    L.append(f"| {run['max_batch_size']} | {lv['concurrency']} | {lv.get('skipped')} | | | | | | | | |")
                     continue
                 lat = lv["latency_ok"]
                 kinds = f" ({', '.join(f'{k}: {n}' for k, n in lv['error_kinds'].items())})" if lv["errors"] else ""
@@ -1536,7 +1538,8 @@ def markdown(r: dict, images: list[str]) -> str:
                 L.append(f"| {run['max_batch_size']} | {lv['concurrency']} | {lv['requests_per_s']:,.1f} | "
                          f"{_f(lat['p50_ms'])} | {_f(lat['p95_ms'])} | {_f(lat['p99_ms'])} | {lv['errors']}{kinds} | "
                          f"{lv['sent']} | {_f(None if acc is None else 100 * acc, 1, ' %')} | "
-                         f"{_f(None if share is None else 100 * share, 0, ' %')} |")
+                         f"{_f(None if share is None else 100 * share, 0, ' %')} | "
+                         f"{_f(100 * lv['client_cpu'] if 'client_cpu' in lv else None, 0, ' %')} |")
         sides = [(run["max_batch_size"], lv["concurrency"], lv["server"]) for run in http["runs"]
                  for lv in run.get("levels", []) if lv.get("server")]
         if sides:

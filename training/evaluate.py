@@ -16,8 +16,8 @@ Each finished attack is stored in ``<out>/attacks/<attack>.json`` with a fingerp
 determines its result (model files, threat, data subset, seed, batch size, RT, attack parameters); a rerun
 with the same fingerprint reuses it, so a killed run resumes without recomputing finished attacks. Every
 attack draws from its own generators seeded from ``seed``, so a resumed run gives what an uninterrupted one
-would. Accuracies carry a 95 % Wilson interval; attack gradients run under bf16 autocast when ``bf16``,
-every accuracy is measured in fp32.
+would. Accuracies carry a 95 % Wilson interval; attack gradients run under bf16 autocast when ``bf16`` (by
+default where bf16 is the faster choice: CUDA, or a CPU with AMX), every accuracy is measured in fp32.
 """
 from __future__ import annotations
 
@@ -264,7 +264,7 @@ class EvalConfig:
     source: str | None = None  # transfer threat: model folder whose classifier crafts the examples
     quantize: bool = False  # round adversarial images to 8 bits (BPDA through the rounding)
     seed: int = 0
-    bf16: bool = True
+    bf16: bool | None = None  # attack gradients under bf16 autocast; None: where it is faster (common.fast_bf16)
     device: str = "auto"
     data: str = ""
     sanity: bool = False
@@ -555,6 +555,8 @@ def run_eval(models: Models, test: Dataset, cfg: EvalConfig, out: Path | None = 
     if cfg.threat not in THREATS:
         raise AtopError(f"unknown threat model {cfg.threat!r}; valid: {', '.join(THREATS)}")
     device = _device(cfg.device)
+    if cfg.bf16 is None:
+        cfg = replace(cfg, bf16=common.fast_bf16(device))
     keys = list(dict.fromkeys(a.strip().lower() for a in cfg.attacks if a.strip()))
     plan = None
     extra = [f"{cfg.sweep_attack}@eps={_fmt_eps(e)}" for e in cfg.eps_sweep] if cfg.eps_sweep and not cfg.sanity else []

@@ -28,7 +28,9 @@ class GatedConv(nn.Module):
         self.act = act
 
     def forward(self, x):
-        f, g = self.conv(x).chunk(2, dim=1)
+        y = self.conv(x)
+        c = self.conv.out_channels // 2  # slices, not chunk(): the ONNX exporter turns chunk into a tensor sequence
+        f, g = y[:, :c], y[:, c:]
         return (F.elu(f) if self.act else f) * torch.sigmoid(g)
 
 
