@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -181,6 +184,7 @@ def test_quick_bench_writes_report(serving_folder, tmp_path, monkeypatch):
         sv = lv["server"]  # the server's own account (/metrics): every request, one row each, in model calls
         assert sv["requests"] == lv["sent"] and sv["rows"] == lv["sent"] and 1 <= sv["model_calls"] <= lv["sent"]
         assert sv["request_mean_ms"] > 0 and sv["infer_mean_ms"] > 0 and sv["model_busy_share_est"] > 0
+        assert 0 < sv["server_cpu"] <= m["cores"] and 0 < lv["client_cpu"]  # CPU of the server's processes, client's
     assert http["choice"]["max_batch_size"] == Settings().max_batch_size and http["choice"]["max_latency_ms"] >= 1000 and http["choice"]["why"]
 
     assert [b["passed"] is not None for b in r["bars"]] == [True, True, True]
@@ -220,3 +224,42 @@ def test_bench_usage_errors_are_one_line(args, message, monkeypatch, capsys):
         atop_cli.main()
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_tree_cpu_seconds_counts_descendants():
+    """The server CPU of the HTTP report: a process tree's CPU time includes its children's."""
+    import subprocess
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\ntime.sleep(30)"
+    before = loadgen.tree_cpu_seconds(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        deadline = time.monotonic() + 30
+        while (loadgen.tree_cpu_seconds(child.pid) or 0) < 0.5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert loadgen.tree_cpu_seconds(child.pid) >= 0.5
+        assert loadgen.tree_cpu_seconds(os.getpid()) - before >= 0.5  # the child counts in its parent's tree
+    finally:
+        child.kill()
+        child.wait()
+    assert loadgen.tree_cpu_seconds(child.pid) is None  # gone
+
+
+def test_batching_choice_breaks_ties_towards_larger_batches():
+    """Request rates within 5 % are noise: the largest such max_batch_size wins; errors rule a candidate out; the
+    queueing deadline scales the K = 1 tail to the default K."""
+    from training.bench import choose_batching
+
+    def run(mbs, rps, p99, errors=0):
+        return {"max_batch_size": mbs, "levels": [{"concurrency": 32, "requests_per_s": rps, "errors": errors,
+                                                   "latency_ok": {"p99_ms": p99}}]}
+
+    rates = {1: 100.0, 64: 800.0}
+    s = Settings()
+    got = choose_batching([run(16, 227, 400), run(64, 224, 450), run(128, 210, 300)], s, rates, k_default=4)
+    assert got["max_batch_size"] == 64 and "within 5 %" in got["why"]
+    assert got["max_latency_ms"] >= 2 * 450 * 4 and got["default_samples"] == 4
+    got = choose_batching([run(16, 227, 400), run(64, 300, 450, errors=2)], s, rates)
+    assert got["max_batch_size"] == 16 and got["errors"] == 0
+    got = choose_batching([run(16, 300, 400), run(64, 224, 450)], s, rates, k_default=1)
+    assert got["max_batch_size"] == 16 and "the most requests/s" in got["why"]

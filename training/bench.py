@@ -1043,13 +1043,15 @@ def http_level(cfg: BenchConfig, preset: Preset, folder: Path, work: Path, deadl
                     log(f"  server up in {server.startup_s:.1f} s (ATOP_MAX_BATCH_SIZE={mbs}, "
                         f"ATOP_MAX_LATENCY_MS={latency_ms})")
                     run["levels"] = _drive_levels(server.url, payloads, levels, preset, deadline,
-                                                  len(candidates) - i, log, model_rows_per_s)
+                                                  len(candidates) - i, log, model_rows_per_s, server.pid)
                 run["server_log_tracebacks"] = log_path.read_text(errors="replace").count("Traceback")
         except AtopError as e:
             run["error"] = str(e)[-1500:]
             log(f"  server with max_batch_size {mbs}: {str(e).splitlines()[0]}")
         out["runs"].append(run)
-    out["choice"] = choose_batching(out["runs"], defaults, model_rows_per_s)
+    card = json.loads((folder / modelio.CARD).read_text()) if (folder / modelio.CARD).exists() else {}
+    k_default = defaults.default_samples or min(modelio.default_samples(card), defaults.max_samples)
+    out["choice"] = choose_batching(out["runs"], defaults, model_rows_per_s, k_default)
     return out
 
 
@@ -1064,8 +1066,9 @@ def _server_info(url: str) -> dict:
 
 
 def _drive_levels(url, payloads, levels, preset: Preset, deadline: float, runs_left: int, log,
-                  model_rows_per_s: dict) -> list[dict]:
-    """Warm up, then each concurrency level in turn; with the server's own account of each level (/metrics)."""
+                  model_rows_per_s: dict, server_pid: int | None = None) -> list[dict]:
+    """Warm up, then each concurrency level in turn; with the server's own account of each level (/metrics) and,
+    for a server this run started, the CPU its processes used (cores busy)."""
     warm = loadgen.run_load(url, payloads, min(8, max(levels)), 16, 10.0, seed=1)  # first requests start lazily
     log(f"    warm-up: {warm.ok}/{warm.sent} ok")
     out = []
@@ -1077,9 +1080,13 @@ def _drive_levels(url, payloads, levels, preset: Preset, deadline: float, runs_l
             out.append({"concurrency": c, "skipped": "time budget"})
             continue
         before = loadgen.server_metrics(url)
+        cpu0 = loadgen.tree_cpu_seconds(server_pid) if server_pid else None
         r = loadgen.run_load(url, payloads, c, max(preset.requests, c), secs, seed=c).to_dict()
+        cpu1 = loadgen.tree_cpu_seconds(server_pid) if server_pid else None
         r["server"] = _server_side(loadgen.metrics_delta(before, loadgen.server_metrics(url)), r["wall_s"],
                                    model_rows_per_s)
+        if r["server"] is not None and cpu0 is not None and cpu1 is not None and r["wall_s"] > 0:
+            r["server"]["server_cpu"] = round((cpu1 - cpu0) / r["wall_s"], 3)
         out.append(r)
         lat = r["latency_ok"]
         log(f"    concurrency {c:>3}: {r['requests_per_s']:7.1f} req/s  p50 {lat['p50_ms'] or 0:8.1f} ms  p99 "
@@ -1120,9 +1127,14 @@ def _level(run: dict, c: int) -> dict | None:
     return exact[0] if exact else min(done, key=lambda lv: abs(lv["concurrency"] - c))
 
 
-def choose_batching(runs: list[dict], defaults, model_rows_per_s: dict) -> dict:
-    """The batching setting to ship, from the runs: the highest requests/s at concurrency 32 among the candidates
-    without errors (else the fewest errors); max_latency_ms from the measured tail and the largest legal request."""
+TIE = 0.05  # request rates within 5 % of the best count as equal (level-to-level noise on a shared machine)
+
+
+def choose_batching(runs: list[dict], defaults, model_rows_per_s: dict, k_default: int = 1) -> dict:
+    """The batching setting to ship, from the runs. max_batch_size: among the candidates with the fewest errors, those
+    within ``TIE`` of the highest requests/s at concurrency 32 are equal, and the largest of them wins (a request
+    at the service's default K brings K rows: larger batches serve it better). max_latency_ms: from the measured
+    tail, scaled from the measured K = 1 requests to the default K's, and the largest legal request."""
     c = BARS["http_concurrency"]
     scored = []
     for run in runs:
@@ -1130,29 +1142,38 @@ def choose_batching(runs: list[dict], defaults, model_rows_per_s: dict) -> dict:
         if lv is None:
             continue
         errors = sum(level.get("errors", 0) for level in run["levels"])
-        scored.append((errors, -lv["requests_per_s"], run, lv))
+        scored.append((errors, lv["requests_per_s"], run, lv))
     if not scored:
         return {"max_batch_size": None, "max_latency_ms": None, "why": "no HTTP run finished"}
-    scored.sort(key=lambda t: (t[0], t[1]))
-    errors, _, run, lv = scored[0]
+    fewest = min(t[0] for t in scored)
+    best_rps = max(t[1] for t in scored if t[0] == fewest)
+    tied = [t for t in scored if t[0] == fewest and t[1] >= (1 - TIE) * best_rps]
+    errors, rps, run, lv = max(tied, key=lambda t: t[2]["max_batch_size"] or 0)
     mbs = run["max_batch_size"]
     worst_p99 = max((level["latency_ok"]["p99_ms"] or 0) for level in run["levels"] if "latency_ok" in level)
     rows = defaults.max_images * defaults.max_samples
     rows_per_s = (_interpolate_log(model_rows_per_s, mbs or max(model_rows_per_s)) if model_rows_per_s
                   else lv["requests_per_s"])  # model calls of max_batch_size rows, at the model-level fp32 rate
     biggest_ms = 1000.0 * rows / rows_per_s if rows_per_s else 0.0
-    latency = int(math.ceil(max(2 * worst_p99, 1.5 * biggest_ms, 1000) / 100.0) * 100)
-    others = ", ".join(f"{t[2]['max_batch_size']}: {t[3]['requests_per_s']:.0f} req/s"
-                       + (f" ({t[0]} errors)" if t[0] else "") for t in scored[1:])
-    why = (f"max_batch_size {mbs}: {'the most requests/s' if len(scored) > 1 else 'requests/s'} at concurrency "
-           f"{lv['concurrency']} ({lv['requests_per_s']:.0f} req/s, {errors} errors)"
+    latency = int(math.ceil(max(2 * worst_p99 * k_default, 1.5 * biggest_ms, 1000) / 100.0) * 100)
+    others = ", ".join(f"{t[2]['max_batch_size']}: {t[1]:.0f} req/s" + (f" ({t[0]} errors)" if t[0] else "")
+                       for t in scored if t[2] is not run)
+    if len(scored) == 1:
+        how = "requests/s"
+    elif len(tied) > 1:
+        how = (f"the largest of the candidates within {100 * TIE:.0f} % of the most requests/s (larger batches serve "
+               f"requests of K = {k_default} samples, the default, better)")
+    else:
+        how = "the most requests/s"
+    why = (f"max_batch_size {mbs}: {how} at concurrency {lv['concurrency']} ({rps:.0f} req/s, {errors} errors)"
            + (f" against {others}" if others else " (the only candidate run)")
            + f". max_latency_ms {latency}: in BentoML 1.4 it is a queueing deadline (503 beyond), so it is set to the "
-           f"largest of 2 x the worst p99 seen in these runs ({worst_p99:.0f} ms), 1.5 x the time of the largest legal "
-           f"request ({defaults.max_images} images x {defaults.max_samples} samples = {rows} rows at about "
-           f"{rows_per_s:.0f} rows/s = {biggest_ms:.0f} ms) and 1 s.")
+           f"largest of 2 x the worst p99 seen in these runs ({worst_p99:.0f} ms) x {k_default} (the runs post K = 1 "
+           f"requests; the default is K = {k_default}), 1.5 x the time of the largest legal request "
+           f"({defaults.max_images} images x {defaults.max_samples} samples = {rows} rows at about {rows_per_s:.0f} "
+           f"rows/s = {biggest_ms:.0f} ms) and 1 s.")
     return {"max_batch_size": mbs, "max_latency_ms": latency, "why": why, "errors": errors,
-            "requests_per_s_at_32": lv["requests_per_s"], "worst_p99_ms": worst_p99,
+            "requests_per_s_at_32": rps, "worst_p99_ms": worst_p99, "default_samples": k_default,
             "largest_request_ms": round(biggest_ms, 1)}
 
 
@@ -1290,7 +1311,11 @@ def _server_split(report: dict) -> str:
             "the bottleneck is outside the model (request handling, transport, the client)." if busy < 0.5 else
             "the model itself is the bottleneck; faster model calls or larger batches help most." if busy > 0.8 else
             "both the model and the request handling around it count.")
-    if lv.get("client_cpu") is not None:
+    if sv.get("server_cpu") is not None:
+        text += (f" The server's processes used {100 * sv['server_cpu']:.0f} % of a core in all (the machine has "
+                 f"{os.cpu_count()} cores)")
+        text += (f" and the load generator {100 * lv['client_cpu']:.0f} %." if lv.get("client_cpu") is not None else ".")
+    elif lv.get("client_cpu") is not None:
         text += f" The load generator itself used {100 * lv['client_cpu']:.0f} % of a core."
     return text
 
@@ -1546,13 +1571,15 @@ def markdown(r: dict, images: list[str]) -> str:
             L += ["", "Server side, from its /metrics (per level): mean time of a request in the public service, mean time "
                       "of the model service's batched call (queue + model), model calls, rows per call, and how busy the "
                       f"model worker was (estimate: its rows at the model-level {served_backend(r['model_level'])} rate, the "
-                      "graph the service runs).", "",
+                      "graph the service runs), and the CPU the server's processes used, in % of one core (all its "
+                      "workers; 100 % per core of the machine at most).", "",
                   "| max_batch_size | concurrency | request mean ms | model call mean ms | model calls | rows per call "
-                  "| model busy (est.) |", "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| model busy (est.) | server CPU |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for mbs, c, sv in sides:
-                busy = sv.get("model_busy_share_est")
+                busy, cpu = sv.get("model_busy_share_est"), sv.get("server_cpu")
                 L.append(f"| {mbs} | {c} | {_f(sv['request_mean_ms'])} | {_f(sv['infer_mean_ms'])} | {sv['model_calls']} | "
-                         f"{_f(sv['rows_per_call'], 2)} | {_f(None if busy is None else 100 * busy, 0, ' %')} |")
+                         f"{_f(sv['rows_per_call'], 2)} | {_f(None if busy is None else 100 * busy, 0, ' %')} | "
+                         f"{_f(None if cpu is None else 100 * cpu, 0, ' %')} |")
         ch = http.get("choice") or {}
         L += ["", f"**Batching choice:** `ATOP_MAX_BATCH_SIZE={ch.get('max_batch_size')}`, "
                   f"`ATOP_MAX_LATENCY_MS={ch.get('max_latency_ms')}`. {ch.get('why', '')}"]

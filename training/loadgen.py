@@ -237,7 +237,38 @@ async def _drive(url, payloads, concurrency, max_requests, max_seconds, endpoint
         client_cpu=round(cpu / wall, 3) if wall > 0 else 0.0)
 
 
-# ------------------------------------------------------------------------------------------ server metrics
+# ------------------------------------------------------------------------------------------ CPU of a process tree
+def tree_cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system, seconds) used so far by ``pid`` and every living descendant (Linux /proc), e.g. a
+    `bentoml serve` and its workers; None where /proc cannot be read. Measure a span as the difference of two calls
+    (a process that exits in between takes its time with it)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return None
+    for e in entries:
+        try:
+            fields = Path(f"/proc/{e}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited meanwhile
+        parents[int(e)] = int(fields[1])
+        times[int(e)] = (int(fields[11]) + int(fields[12])) / hz
+    if pid not in times:
+        return None
+    tree, grew = {pid}, True
+    while grew:
+        grew = False
+        for child, parent in parents.items():
+            if parent in tree and child not in tree:
+                tree.add(child)
+                grew = True
+    return sum(times[p] for p in tree)
+
+
+
 _SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)\{(.*)\}\s+(\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
