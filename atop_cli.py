@@ -65,9 +65,7 @@ def train_classifier(
     progress: bool = ProgressOpt,
 ):
     """Train a CIFAR-10 classifier (airbench recipe); checkpoints every epoch; writes a model folder."""
-    from training.classifier import ClassifierConfig, train
-
-    from training.classifier import ADVERSARIAL
+    from training.classifier import ADVERSARIAL, ClassifierConfig, train
 
     if adversarial not in ADVERSARIAL:
         raise AtopError(f"unknown --adversarial {adversarial!r}; use one of {', '.join(ADVERSARIAL)}")

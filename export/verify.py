@@ -100,11 +100,9 @@ def adversarial_set(classifier, vset: VerificationSet, n: int, eps: float = 8 / 
     model = copy.deepcopy(classifier).to(memory_format=torch.channels_last)
     x = torch.from_numpy(vset.images[:n]).contiguous(memory_format=torch.channels_last)
     y = torch.from_numpy(vset.labels[:n])
-    gen, out = torch.Generator().manual_seed(seed), []
-    for i in range(0, n, batch):
-        out.append(PGD(model, eps=eps, alpha=eps / 4, steps=steps, random_start=True, generator=gen)(
-            x[i:i + batch], y[i:i + batch]).detach().numpy())
-    return VerificationSet(np.concatenate(out).astype(np.float32), vset.labels[:n],
+    gen = torch.Generator().manual_seed(seed)
+    adv = PGD(model, eps=eps, alpha=eps / 4, steps=steps, random_start=True, generator=gen).batched(x, y, batch)
+    return VerificationSet(np.ascontiguousarray(adv.numpy(), dtype=np.float32), vset.labels[:n],
                            f"PGD-{steps} (l_inf {eps * 255:.0f}/255, step {eps * 255 / 4:g}/255, crafted on the classifier "
                            f"alone) of the first {n} verification images")
 

@@ -170,6 +170,11 @@ def test_attacks_reproducible_with_generators(linear, data):
     x, y = data.images[:20].float() / 255, data.labels[:20]
     runs = [PGD(linear, 4 / 255, 1 / 255, 3, generator=torch.Generator().manual_seed(5))(x, y) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
+    # in chunks: one generator stream, so chunk by chunk it equals a call per chunk in turn
+    g = torch.Generator().manual_seed(5)
+    chunks = [PGD(linear, 4 / 255, 1 / 255, 3, generator=g)(x[i:i + 8], y[i:i + 8]) for i in range(0, 20, 8)]
+    batched = PGD(linear, 4 / 255, 1 / 255, 3, generator=torch.Generator().manual_seed(5)).batched(x, y, 8)
+    assert batched.shape == x.shape and torch.equal(batched, torch.cat(chunks))
     eot = EOT(linear, 3)
     assert torch.allclose(eot(x), linear(x), atol=1e-6)
 

@@ -151,13 +151,12 @@ def pgd_accuracy(model, data: Dataset, eps: float, steps: int = 10, batch_size: 
     from .attacks import PGD
 
     model.eval()
-    gen, correct = torch.Generator().manual_seed(seed), 0
-    for i in range(0, len(data), batch_size):
-        x = data.images[i : i + batch_size].to(device).float().div_(255)
-        y = data.labels[i : i + batch_size].to(device)
-        x_adv = PGD(model, eps=eps, alpha=eps / 4, steps=steps, random_start=True, generator=gen)(x, y)
-        with torch.no_grad():
-            correct += (model(x_adv).argmax(1) == y).sum().item()
+    x, y = data.images.to(device).float().div_(255), data.labels.to(device)
+    gen = torch.Generator().manual_seed(seed)
+    x_adv = PGD(model, eps=eps, alpha=eps / 4, steps=steps, random_start=True, generator=gen).batched(x, y, batch_size)
+    with torch.no_grad():
+        correct = sum((model(x_adv[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
+                      for i in range(0, len(data), batch_size))
     return correct / len(data)
 
 

@@ -64,4 +64,3 @@ def sweep_rt(folder, param: str, values: list[float], cfg: EvalConfig, out: Path
     fig.savefig(out / "sweep.png", dpi=120)
     plt.close(fig)
     return result
-

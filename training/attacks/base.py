@@ -54,6 +54,11 @@ class Attack:
             for m, mode in modes:
                 m.training = mode
 
+    def batched(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``self(images, labels)`` in chunks of ``batch_size`` (memory), concatenated; one generator stream."""
+        return torch.cat([self(images[i:i + batch_size], labels[i:i + batch_size])
+                          for i in range(0, len(images), batch_size)])
+
     def forward(self, images, labels):  # pragma: no cover
         raise NotImplementedError
 
