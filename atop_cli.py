@@ -86,7 +86,7 @@ def _purifier_cmd(mode: str, out, source, classifier_source=None, **kw):
 def train_purifier(
     out: Path = typer.Option(..., help="Output model folder (classifier copied in, purifier added)."),
     classifier: str = typer.Option("default", help="Model folder whose classifier the pipeline uses ('default': the shipped one)."),
-    arch: str = typer.Option("gated-unet", help="Purifier architecture: gated-unet, gated-unet-paper."),
+    arch: str = typer.Option("gated-unet", help="Purifier architecture: gated-unet, gated-unet-lrelu, gated-unet-paper."),
     rt: str = typer.Option("rt2", help="Random transform: rt1, rt2, rt3."),
     sigma: float = typer.Option(0.1, help="Noise std of RT2/RT3 (images in [0, 1])."),
     sigma_range: bool = typer.Option(False, help="Draw each image's sigma from U(0, sigma): one purifier for a sigma sweep."),
@@ -115,6 +115,7 @@ def train_atop(
     model: str = typer.Option(..., help="Model folder with the pre-trained purifier and the classifier."),
     out: Path = typer.Option(..., help="Output model folder."),
     classifier: Optional[str] = typer.Option(None, help="Take the (frozen) classifier from this model folder instead."),
+    arch: str = typer.Option("", help="Fine-tune into this purifier architecture, starting from the model's weights (same parameters required, e.g. gated-unet -> gated-unet-lrelu; default: the model's own)."),
     sigma: Optional[float] = typer.Option(None, help="Noise std for fine-tuning (default: the model's RT sigma)."),
     epochs: int = typer.Option(10, help="Epochs."),
     batch_size: int = typer.Option(256, help="Global batch size."),
@@ -140,7 +141,7 @@ def train_atop(
     rt_cfg = modelio.read_card(modelio.resolve(model)).get("purifier", {}).get("rt")
     if not rt_cfg:
         raise AtopError(f"{model} holds no purifier: pre-train one with `atop train purifier` first")
-    _purifier_cmd("atop", out, Path(model), classifier_source=Path(classifier) if classifier else None, rt=rt_cfg["kind"], sigma=rt_cfg["sigma"] if sigma is None else sigma,
+    _purifier_cmd("atop", out, model, classifier_source=classifier, arch=arch, rt=rt_cfg["kind"], sigma=rt_cfg["sigma"] if sigma is None else sigma,
                   rate=rt_cfg["rate"], block=rt_cfg["block"], views=rt_cfg["views"], epochs=epochs, batch_size=batch_size,
                   lr=lr, lam=lam, warmup_epochs=warmup_epochs, attack=attack, attack_target=attack_target,
                   clean_fraction=clean_fraction, gan_weight=gan_weight, limit=limit, eval_n=eval_n, seed=seed, bf16=bf16,

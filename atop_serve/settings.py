@@ -47,8 +47,8 @@ class Settings:
     max_images: int = 64                     # files in one /classify_batch
     max_request_bytes: int = 10 * 1024 * 1024  # request body, bytes
     max_pixels: int = DEFAULT_MAX_PIXELS     # decoded image, width x height
-    max_batch_size: int = 64                 # rows (image x sample) per model call (docs/benchmarks.md)
-    max_latency_ms: int = 8500               # batching queue deadline, ms (503 beyond; docs/benchmarks.md)
+    max_batch_size: int = 16                 # rows (image x sample) per model call (docs/benchmarks.md)
+    max_latency_ms: int = 7100               # batching queue deadline, ms (503 beyond; docs/benchmarks.md)
     ort_threads: int = 2                     # a 2-core machine: the model worker uses both for one batch
     providers: tuple[str, ...] = ()          # () = automatic (CUDA if present, then CPU)
     graph: str = "auto"                      # auto: the card's faster CPU variant on CPU, else fp32; fp32; opt

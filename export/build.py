@@ -216,7 +216,7 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
                                            samples=modelio.default_samples(card), robust=robust, log=log)
             if variant is not None:
                 variant.replace(tmp / modelio.OPT_ONNX_FILE)
-                files[modelio.OPT_ONNX_FILE] = {"precision": "int8" if vrec["shipped"] == "int8" else "fp32",
+                files[modelio.OPT_ONNX_FILE] = {"precision": "int8" if vrec["shipped"].startswith("int8") else "fp32",
                                                 "runtime": "onnxruntime CPUExecutionProvider", "role": "faster CPU variant",
                                                 "variant": vrec["shipped"]}
             for f in tmp.glob("candidate-*"):

@@ -405,3 +405,34 @@ def test_pack_half_weights_and_tta_override(tmp_path):
     with pytest.raises(AtopError, match="unknown --tta"):
         pack(src, tmp_path / "bad", tta="rotate")
     assert not (tmp_path / "bad").exists()
+
+
+def test_int8_full_quantises_the_purifier_glue(model_dir, tmp_path):
+    """``int8-full`` leaves no float activation or gate inside a gated-unet-lrelu purifier once ONNX Runtime
+    has fused the QDQ pairs (LeakyReLU and sigmoid become table lookups); plain ``int8`` keeps them in float."""
+    import logging
+
+    import onnx
+    import onnxruntime as ort
+
+    from export import optimize, verify
+    from export.onnx_export import export_onnx
+    from training.purifier import carry_weights
+
+    pipe = modelio.load_pipeline(model_dir)
+    pipe.purifier = carry_weights(pipe.purifier, "gated-unet-lrelu")
+    src = export_onnx(pipe, tmp_path / "pipeline.onnx")
+    calib = verify.load_images(16, None, "train", 0)
+    assert len(optimize.nodes_of(src, ("LeakyRelu",), scope="pipeline.purifier")) == 8
+    ops = {}
+    logging.getLogger().setLevel(logging.ERROR)
+    for name, glue in optimize.INT8_RECIPES.items():
+        q = optimize.build_int8(src, tmp_path / f"{name}.onnx", calib.images, pipe.transform, glue=glue)
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / f"{name}.optimized.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+        ops[name] = [n.op_type for n in onnx.load(so.optimized_model_filepath, load_external_data=False).graph.node]
+    assert ops["int8"].count("LeakyRelu") == 8 and "QLinearLeakyRelu" not in ops["int8"]
+    assert "LeakyRelu" not in ops["int8-full"] and ops["int8-full"].count("QLinearLeakyRelu") == 8
+    assert ops["int8-full"].count("QLinearSigmoid") >= 8 and ops["int8-full"].count("QLinearMul") >= 8

@@ -365,7 +365,7 @@ def test_serving_needs_no_torch(det_folder, tmp_path):
 # ------------------------------------------------------------------------------------------ in process: settings
 def test_settings_from_env():
     s = Settings.from_env({})
-    assert (s.model, s.allow_seed, s.max_batch_size, s.max_latency_ms) == ("", False, 64, 8500)
+    assert (s.model, s.allow_seed, s.max_batch_size, s.max_latency_ms) == ("", False, 16, 7100)
     s = Settings.from_env({"ATOP_ALLOW_SEED": "1", "ATOP_MAX_SAMPLES": "16", "ATOP_PROVIDERS": "CPUExecutionProvider"})
     assert s.allow_seed and s.max_samples == 16 and s.providers == ("CPUExecutionProvider",)
     assert Settings.from_env({"ATOP_DEFAULT_SAMPLES": "3"}).default_samples == 3

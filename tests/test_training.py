@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -85,6 +86,9 @@ def test_atop_step_changes_only_the_purifier(tmp_path):
     from training.purifier import PurifierConfig, train
 
     src = make_model_folder(tmp_path / "src")
+    src_card = modelio.read_card(src)
+    src_card["evaluation"] = {"default-classifier": {"accuracy": {"clean": {"value": 0.9}}}}  # of the source's weights
+    modelio.write_card(src, src_card)
     clf_before = load_file(str(src / modelio.CLASSIFIER_FILE))
     pur_before = load_file(str(src / modelio.PURIFIER_FILE))
     cfg = PurifierConfig(mode="atop", epochs=1, limit=300, batch_size=100, eval_n=50, data=str(DATA_ROOT), lam=1.0)
@@ -98,12 +102,35 @@ def test_atop_step_changes_only_the_purifier(tmp_path):
     assert card["purifier"]["atop"]["classifier_unchanged"] is True
     assert (tmp_path / "out" / "grid_epoch001.png").exists()
     assert "atop_earlier" not in card["purifier"]
+    assert "evaluation" not in card  # measured on the source's weights: not carried into the new folder
 
     # fine-tuning the fine-tuned folder again keeps the first stage's record
     cfg2 = PurifierConfig(mode="atop", epochs=1, limit=100, batch_size=100, eval_n=20, data=str(DATA_ROOT), lam=0.5)
     train(cfg2, tmp_path / "out2", tmp_path / "out", show_progress=False)
     pur = modelio.read_card(tmp_path / "out2")["purifier"]
     assert pur["atop_earlier"] == [card["purifier"]["atop"]] and pur["atop"]["config"]["lam"] == 0.5
+
+
+def test_atop_fine_tunes_into_a_same_shaped_architecture(tmp_path):
+    """--arch gated-unet-lrelu starts from the source's gated-unet weights; a differently shaped one is refused."""
+    from atop_serve.errors import AtopError
+    from training.purifier import PurifierConfig, carry_weights, train
+
+    src = make_model_folder(tmp_path / "src")
+    g, _ = modelio.load_purifier(src)
+    moved = carry_weights(g, "gated-unet-lrelu")
+    assert all(torch.equal(a, b) for a, b in zip(g.state_dict().values(), moved.state_dict().values()))
+    x, m = torch.rand(2, 3, 32, 32), torch.zeros(2, 1, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(g.eval()(x, m), moved.eval()(x, m))  # same weights, another activation
+    with pytest.raises(AtopError, match="do not fit"):
+        carry_weights(g, "gated-unet-paper")
+    cfg = PurifierConfig(mode="atop", arch="gated-unet-lrelu", epochs=1, limit=100, batch_size=100, eval_n=20,
+                         data=str(DATA_ROOT), lam=0.5)
+    train(cfg, tmp_path / "out", src, show_progress=False)
+    assert modelio.read_card(tmp_path / "out")["purifier"]["arch"] == "gated-unet-lrelu"
+    loaded = modelio.load_pipeline(tmp_path / "out").purifier
+    assert loaded.e1.act.func is torch.nn.functional.leaky_relu
 
 
 def test_pretraining_lowers_the_reconstruction_loss(tmp_path):
@@ -115,3 +142,18 @@ def test_pretraining_lowers_the_reconstruction_loss(tmp_path):
     assert hist[-1]["l1"] < 0.8 * hist[0]["l1"]
     pipe = load_pipeline(tmp_path / "pur")
     assert pipe.transform.kind == "rt2"
+
+
+def test_cli_atop_from_the_shipped_model_refuses_a_misfit_architecture(tmp_path, monkeypatch, capsys):
+    """`--model default` names the shipped folder (as everywhere); a purifier it cannot carry weights into is a
+    clear one-line error with exit code 2, and nothing is written."""
+    import atop_cli
+
+    monkeypatch.setattr(sys, "argv", ["atop", "train", "atop", "--model", "default", "--arch", "gated-unet-paper",
+                                      "--out", str(tmp_path / "out"), "--limit", "100", "--epochs", "1",
+                                      "--data", str(DATA_ROOT)])
+    with pytest.raises(SystemExit) as e:
+        atop_cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "do not fit" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

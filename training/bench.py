@@ -613,7 +613,7 @@ def setup_backend(name: str, ctx: Context) -> Backend:
                 raise Skip(f"no {modelio.OPT_ONNX_FILE} in the folder: the export shipped no faster CPU variant "
                            "(card: export.cpu_variant)")
             pipe_path = m.folder / modelio.OPT_ONNX_FILE
-            precision, peak = (("int8 (QDQ: int8 weights, uint8 activations)", "cpu-int8") if variant == "int8"
+            precision, peak = (("int8 (QDQ: int8 weights, uint8 activations)", "cpu-int8") if variant.startswith("int8")
                                else (f"fp32 ({variant})", "cpu-fp32"))
         import onnxruntime as ort
 
@@ -621,7 +621,7 @@ def setup_backend(name: str, ctx: Context) -> Backend:
         clf, note = None, ""
         try:
             clf_path = ctx.classifier_onnx()
-            if variant == "int8":
+            if variant and variant.startswith("int8"):
                 import logging
 
                 from export.optimize import build_int8
@@ -1267,11 +1267,13 @@ def suggestions(report: dict) -> list[str]:
             f"Purification overhead {ovh['value']:.2f} ({ovh['detail']}): the purifier is "
             f"{100 * flops['purifier'] / flops['pipeline']:.0f} % of the pipeline's FLOPs, so an overhead above "
             f"{flops['pipeline'] / flops['classifier']:.2f} means its kernels run less efficiently than the "
-            "classifier's: gated convolutions (ELU x sigmoid on twice the channels), dilated convolutions and small "
+            "classifier's: gated convolutions (activation x sigmoid on twice the channels), dilated convolutions and small "
             "channel counts at 32x32. " + (where + " " if where else "")
             + "To try: " + ("" if is_int8 else "int8 for the purifier's convolutions, ")
-            + "fusing the gating activations, fewer or narrower dilated layers, and a larger batch (small batches "
-              "leave the cores idle between layers).")
+            + "the gating on uint8 too (the export's int8-full variant, with a LeakyReLU purifier: ELU has no "
+              "quantised kernel), fewer layout conversions (the upsampling and the fp32 edge layers sit between "
+              "NHWC int8 convolutions), fewer or narrower dilated layers, and a larger batch (small batches leave the "
+              "cores idle between layers).")
     http_bar = bars.get("HTTP")
     if http_bar and http_bar["passed"] is False:
         draw = ref.get("rt_draws") or {}

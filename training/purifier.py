@@ -46,7 +46,7 @@ from .data import Dataset, augment, load_cifar10
 @dataclass
 class PurifierConfig:
     mode: str = "pretrain"  # pretrain | atop
-    arch: str = "gated-unet"
+    arch: str = ""  # pretrain: "" = gated-unet; atop: "" = the source's, another = carry its weights into that one
     rt: str = "rt2"
     sigma: float = 0.1  # RT2/RT3 noise std (per 32x32 pixel, images in [0, 1])
     sigma_range: bool = False  # pretrain: per-image sigma ~ U(0, sigma)
@@ -127,6 +127,18 @@ def make_adversarial(cfg: PurifierConfig, f, pipeline, x, y, gen) -> torch.Tenso
     return PGD(target, eps=cfg.eps, alpha=alpha, steps=steps, random_start=True, generator=gen)(x, y)
 
 
+def carry_weights(g: torch.nn.Module, arch: str) -> torch.nn.Module:
+    """A purifier of architecture ``arch`` holding ``g``'s weights: for fine-tuning into a variant with the same
+    parameters and a different computation (e.g. ``gated-unet`` -> ``gated-unet-lrelu``)."""
+    new = create_purifier(arch)
+    try:
+        new.load_state_dict(g.state_dict())
+    except RuntimeError as e:
+        raise AtopError(f"--arch {arch}: the source purifier's weights do not fit it (only architectures with the "
+                        f"same parameters can be fine-tuned into each other): {str(e).splitlines()[0]}") from None
+    return new
+
+
 def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = False, show_progress: bool = True,
           classifier_source: Path | None = None) -> dict:
     """``source``: a model folder giving the classifier (pretrain) or classifier + purifier (atop);
@@ -159,8 +171,11 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
 
     if cfg.mode == "atop":
         g, _ = modelio.load_purifier(source)
-        cfg.arch = src_card["purifier"]["arch"]
+        if cfg.arch and cfg.arch != src_card["purifier"]["arch"]:
+            g = carry_weights(g, cfg.arch)
+        cfg.arch = cfg.arch or src_card["purifier"]["arch"]
     else:
+        cfg.arch = cfg.arch or "gated-unet"
         g = create_purifier(cfg.arch)
     g = g.to(rtm.device).train()
     d = PatchDiscriminator(cfg.d_width).to(rtm.device).train()
@@ -280,7 +295,8 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
 
 
 def _write_folder(cfg, out, clf_source, src_card, g, rt, history, elapsed, acc, n_eval):
-    card = {k: v for k, v in src_card.items() if k not in ("export",)}
+    # the export and the evaluations describe the source's weights, not the ones trained here
+    card = {k: v for k, v in src_card.items() if k not in ("export", "evaluation")}
     if clf_source.resolve() != out.resolve():
         shutil.copy2(clf_source / src_card["classifier"].get("file", modelio.CLASSIFIER_FILE), out / modelio.CLASSIFIER_FILE)
     stage = {"config": common.config_dict(cfg), "wall_seconds": round(elapsed, 1), "hardware": common.hardware(),

@@ -4,12 +4,17 @@ The purifier takes the randomly transformed image and its mask channel (N, 4, H,
 repaired image (N, 3, H, W) in [0, 1]: it denoises and inpaints, and its whole output is used (no composite
 with the visible pixels, as in the AToP code), so perturbations on visible pixels are repaired too.
 
-``gated-unet`` (default): gated convolutions (feature * sigmoid(gate)), two stride-2 stages down to 8x8,
-dilated gated convolutions in the middle (dilation 1, 2, 4), and a decoder that upsamples and adds the
+``gated-unet``: gated convolutions (ELU(feature) * sigmoid(gate), as DeepFillv2), two stride-2 stages down to
+8x8, dilated gated convolutions in the middle (dilation 1, 2, 4), and a decoder that upsamples and adds the
 encoder features. Widths are chosen so its forward FLOPs stay below the default classifier's
-(counted in the model card). ``gated-unet-paper`` is a wider configuration for GPU runs.
+(counted in the model card). ``gated-unet-lrelu``: the same network with LeakyReLU(0.2) on the feature half,
+the same parameters (weights carry over), and cheaper in int8: ONNX Runtime runs a quantised LeakyReLU as a
+256-entry table, while ELU has no quantised kernel and goes through float. ``gated-unet-paper`` is a wider
+configuration for GPU runs.
 """
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -19,33 +24,38 @@ from torch.nn.utils.parametrizations import spectral_norm
 from ..registry import register_purifier
 
 
-class GatedConv(nn.Module):
-    """DeepFillv2 gated convolution: ELU(conv_f(x)) * sigmoid(conv_g(x)), computed as one conv."""
+ACTIVATIONS = {"elu": F.elu, "lrelu": partial(F.leaky_relu, negative_slope=0.2)}
 
-    def __init__(self, cin, cout, k=3, stride=1, dilation=1, act=True):
+
+class GatedConv(nn.Module):
+    """DeepFillv2 gated convolution: act(conv_f(x)) * sigmoid(conv_g(x)), computed as one conv."""
+
+    def __init__(self, cin, cout, k=3, stride=1, dilation=1, act: str = "elu"):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; valid: {', '.join(ACTIVATIONS)}")
         self.conv = nn.Conv2d(cin, 2 * cout, k, stride, padding=dilation * (k - 1) // 2, dilation=dilation)
-        self.act = act
+        self.act = ACTIVATIONS[act]
 
     def forward(self, x):
         y = self.conv(x)
         c = self.conv.out_channels // 2  # slices, not chunk(): the ONNX exporter turns chunk into a tensor sequence
         f, g = y[:, :c], y[:, c:]
-        return (F.elu(f) if self.act else f) * torch.sigmoid(g)
+        return self.act(f) * torch.sigmoid(g)
 
 
 class GatedUNet(nn.Module):
-    def __init__(self, width: int = 32, dilations=(1, 2, 4), in_channels: int = 4):
+    def __init__(self, width: int = 32, dilations=(1, 2, 4), in_channels: int = 4, act: str = "elu"):
         super().__init__()
         c = width
-        self.e1 = GatedConv(in_channels, c)  # 32x32
-        self.e2 = GatedConv(c, 2 * c, stride=2)  # 16x16
-        self.e3 = GatedConv(2 * c, 4 * c, stride=2)  # 8x8
-        self.mid = nn.Sequential(*[GatedConv(4 * c, 4 * c, dilation=d) for d in dilations])
+        self.e1 = GatedConv(in_channels, c, act=act)  # 32x32
+        self.e2 = GatedConv(c, 2 * c, stride=2, act=act)  # 16x16
+        self.e3 = GatedConv(2 * c, 4 * c, stride=2, act=act)  # 8x8
+        self.mid = nn.Sequential(*[GatedConv(4 * c, 4 * c, dilation=d, act=act) for d in dilations])
         self.r2 = nn.Conv2d(4 * c, 2 * c, 1)
-        self.d2 = GatedConv(2 * c, 2 * c)  # 16x16
+        self.d2 = GatedConv(2 * c, 2 * c, act=act)  # 16x16
         self.r1 = nn.Conv2d(2 * c, c, 1)
-        self.d1 = GatedConv(c, c)  # 32x32
+        self.d1 = GatedConv(c, c, act=act)  # 32x32
         self.out = nn.Conv2d(c, 3, 3, padding=1)
 
     def forward(self, x_t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -61,6 +71,11 @@ class GatedUNet(nn.Module):
 @register_purifier
 def gated_unet() -> nn.Module:
     return GatedUNet(width=32)
+
+
+@register_purifier
+def gated_unet_lrelu() -> nn.Module:
+    return GatedUNet(width=32, act="lrelu")
 
 
 @register_purifier
