@@ -101,9 +101,10 @@ def nodes_of(path: Path, op_types, scope: str | None = None) -> list[str]:
 
 def glue_nodes(path: Path, glue, excluded, scope: str = "pipeline.purifier", depth: int = 4) -> list[str]:
     """The ``glue`` nodes of ``scope`` that sit between quantised layers: a node reading an fp32 edge layer's output,
-    or feeding one through up to ``depth`` non-matmul nodes (the input scaling before the purifier's first
-    convolution, the sigmoid after its last), stays fp32 like the edge layer: quantising the image-level values
-    there costs accuracy and saves nothing."""
+    or feeding one through up to ``depth`` non-matmul nodes (for the gated U-Net: the input scaling and the first
+    gated layer's slices around its fp32 first convolution, the last gated layer and the output sigmoid around its
+    fp32 output convolution), stays fp32 like the edge layer: quantising pixel-level values there costs accuracy
+    and saves little."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
