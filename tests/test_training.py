@@ -157,3 +157,14 @@ def test_cli_atop_from_the_shipped_model_refuses_a_misfit_architecture(tmp_path,
     err = capsys.readouterr().err
     assert e.value.code == 2 and "do not fit" in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_whitening_sample_covers_every_class_of_a_class_sorted_set():
+    # image folders are read class by class: the whitening conv must not be fit on the first class alone
+    from training.classifier import whitening_sample
+    from training.data import Dataset
+
+    labels = torch.arange(10).repeat_interleave(600)  # sorted, as an image folder loads
+    data = Dataset(torch.zeros(6000, 3, 32, 32, dtype=torch.uint8), labels, [str(c) for c in range(10)], "sorted")
+    sample = whitening_sample(data, n=5000, seed=0)
+    assert sample.labels.bincount(minlength=10).tolist() == [500] * 10

@@ -82,6 +82,12 @@ def param_groups(model, cfg: ClassifierConfig):
     return groups
 
 
+def whitening_sample(train_set: Dataset, n: int = 5000, seed: int = 0) -> Dataset:
+    """The images the whitening conv is initialised from: a seeded class-balanced subset. (Not the first
+    ``n``: an image-folder source is read class by class, and the first 5,000 were all airplanes.)"""
+    return train_set.balanced_subset(min(n, len(train_set)), seed=seed)
+
+
 def lr_factor(step: int, total: int, warmup: float) -> float:
     """airbench's triangle: 0.2 -> 1 at ``warmup`` of the steps -> 0.07 at the end."""
     w = max(1, int(warmup * total))
@@ -174,7 +180,7 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
         # whitening divides by the square roots of the patch covariance's eigenvalues, amplifying the
         # low-variance (high-frequency) directions an l_inf perturbation fills up to ~45x, and AT from it
         # stays at chance (measured: loss ln 10 after 2 epochs); there the first conv is learned like the rest.
-        model.init_whiten(train_set.images[:5000].float() / 255)
+        model.init_whiten(whitening_sample(train_set, seed=cfg.seed).images.float() / 255)
         model.whiten.weight.requires_grad_(False)
     model = model.to(rt.device, memory_format=torch.channels_last)
     groups = param_groups(model, cfg)
