@@ -57,6 +57,8 @@ def train_classifier(
     limit: int = LimitOpt,
     eval_n: int = typer.Option(0, help="Class-balanced test images for the final accuracy (0: all 10,000)."),
     stop_after: int = typer.Option(0, help="End this run after N epochs; continue later with --resume (0: run to the end)."),
+    teacher: Optional[list[str]] = typer.Option(None, help="Distil from this model folder's classifier (repeat for an ensemble: mean logits, no TTA)."),
+    distill: float = typer.Option(0.5, help="With --teacher: weight of the teachers' probabilities in the target; the rest is the label-smoothed labels."),
     seed: int = SeedOpt,
     bf16: Optional[bool] = Bf16Opt,
     device: str = DeviceOpt,
@@ -70,7 +72,8 @@ def train_classifier(
     if adversarial not in ADVERSARIAL:
         raise AtopError(f"unknown --adversarial {adversarial!r}; use one of {', '.join(ADVERSARIAL)}")
     cfg = ClassifierConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, adversarial=adversarial, tta=tta,
-                           limit=limit, eval_n=eval_n, stop_after=stop_after, seed=seed, bf16=bf16, device=device, data=data)
+                           limit=limit, eval_n=eval_n, stop_after=stop_after, seed=seed, bf16=bf16, device=device, data=data,
+                           teachers=tuple(teacher or ()), distill=distill)
     train(cfg, out, resume=resume, show_progress=progress)
 
 

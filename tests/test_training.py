@@ -168,3 +168,34 @@ def test_whitening_sample_covers_every_class_of_a_class_sorted_set():
     data = Dataset(torch.zeros(6000, 3, 32, 32, dtype=torch.uint8), labels, [str(c) for c in range(10)], "sorted")
     sample = whitening_sample(data, n=5000, seed=0)
     assert sample.labels.bincount(minlength=10).tolist() == [500] * 10
+
+
+def test_distillation_learns_the_teachers_targets(tmp_path):
+    # a teacher whose class outputs are rotated by one: a student trained on its probabilities alone
+    # (--distill 1) must predict the rotated classes, which labels alone would never teach
+    _train(tmp_path / "t", epochs=4)
+    teacher = modelio.load_classifier(tmp_path / "t", tta="none").classifier
+    with torch.no_grad():
+        teacher.head.weight.copy_(teacher.head.weight.roll(1, dims=0))  # logit c+1 <- old logit c
+    modelio.save_weights(teacher, tmp_path / "t" / modelio.CLASSIFIER_FILE)
+    card = modelio.read_card(tmp_path / "t")
+    card["classifier"]["sha256"] = modelio.sha256(tmp_path / "t" / modelio.CLASSIFIER_FILE)
+    modelio.write_card(tmp_path / "t", card)
+
+    _train(tmp_path / "s", epochs=4, teachers=(str(tmp_path / "t"),), distill=1.0, tta="none")
+    student = modelio.load_classifier(tmp_path / "s")
+    from training.data import load_cifar10
+
+    test = load_cifar10(str(DATA_ROOT))[1].balanced_subset(500)
+    with torch.no_grad():
+        pred = student(test.images.float() / 255).argmax(1)
+    assert (pred == (test.labels + 1) % 10).float().mean() > 0.25  # the teacher's (rotated) classes
+    assert (pred == test.labels).float().mean() < 0.15
+    assert modelio.read_card(tmp_path / "s")["classifier"]["training"]["teachers"][0]["folder"] == str(tmp_path / "t")
+
+
+def test_distillation_refuses_adversarial_training(tmp_path):
+    from atop_serve.errors import AtopError
+
+    with pytest.raises(AtopError, match="cannot be combined"):
+        _train(tmp_path / "s", teachers=("default",), adversarial="n-fgsm")

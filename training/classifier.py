@@ -3,6 +3,7 @@
     atop train classifier --out runs/clf                       # airnet, 16 epochs (the shipped one: 20, 90.4 %)
     atop train classifier --out runs/clf-at --adversarial n-fgsm --tta none   # the adversarially trained baseline
     torchrun --nproc_per_node 2 -m atop_cli train classifier --out runs/clf   # DDP (gloo on CPU)
+    atop train classifier --out runs/kd --teacher runs/a --teacher runs/b      # distilled from an ensemble
 
 Recipe (after airbench94): whole-batch tensor augmentation (flip, +-2 px reflect-translate), SGD Nesterov on
 a summed loss with a warm-up/linear-decay schedule, label smoothing 0.2, BatchNorm biases at 64x learning
@@ -10,6 +11,10 @@ rate, data-initialised whitening conv whose bias trains only for the first 3 epo
 weights. bf16 autocast where it is faster (CUDA, or a CPU with AMX; ``--bf16/--no-bf16`` to choose) and
 channels_last. A checkpoint is written every epoch; ``--resume`` continues bit-identically because every epoch
 draws its randomness from (seed, epoch).
+
+Knowledge distillation (``--teacher``, repeatable): the target is ``--distill`` x the softmax of the teachers'
+mean logits (no TTA, on the same augmented batch) + the rest x the label-smoothed labels; the student keeps the
+architecture (and so the serving cost) of its own ``--arch``. The card lists the teachers.
 
 Adversarial training (``--adversarial``, the AT baseline of the evaluation's Table 1) trains on examples made
 per batch against the current model (``adversarial_batch``), learns the first conv instead of freezing a
@@ -56,6 +61,8 @@ class ClassifierConfig:
     limit: int = 0  # use a class-balanced subset of N training images (tests, smoke runs); 0 = all
     eval_n: int = 0  # test images for the final accuracy (class-balanced); 0 = all
     stop_after: int = 0  # end this run after N epochs (a time-boxed run; continue with --resume); 0 = no
+    teachers: tuple[str, ...] = ()  # model folders whose classifiers (mean logits, no TTA) teach (distillation)
+    distill: float = 0.5  # with teachers: weight of the teachers' probabilities in the target (rest: smoothed labels)
     data: str = ""
     device: str = "auto"
     extra: dict = field(default_factory=dict)
@@ -86,6 +93,27 @@ def whitening_sample(train_set: Dataset, n: int = 5000, seed: int = 0) -> Datase
     """The images the whitening conv is initialised from: a seeded class-balanced subset. (Not the first
     ``n``: an image-folder source is read class by class, and the first 5,000 were all airplanes.)"""
     return train_set.balanced_subset(min(n, len(train_set)), seed=seed)
+
+
+class Teacher(torch.nn.Module):
+    """The mean logits of frozen classifiers (no TTA), for knowledge distillation."""
+
+    def __init__(self, folders):
+        super().__init__()
+        self.members = torch.nn.ModuleList(modelio.load_classifier(f, tta="none").classifier for f in folders)
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def forward(self, x):
+        return sum(m(x).float() for m in self.members) / len(self.members)
+
+
+def soft_targets(teacher_logits: torch.Tensor, y: torch.Tensor, smoothing: float, weight: float) -> torch.Tensor:
+    """Class-probability targets: ``weight`` x the teachers' softmax + (1 - ``weight``) x the label-smoothed
+    one-hot labels (what the recipe trains on without teachers)."""
+    c = teacher_logits.size(1)
+    labels = F.one_hot(y, c).float() * (1 - smoothing) + smoothing / c
+    return weight * teacher_logits.softmax(1) + (1 - weight) * labels
 
 
 def lr_factor(step: int, total: int, warmup: float) -> float:
@@ -183,6 +211,13 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
         model.init_whiten(whitening_sample(train_set, seed=cfg.seed).images.float() / 255)
         model.whiten.weight.requires_grad_(False)
     model = model.to(rt.device, memory_format=torch.channels_last)
+    teacher = None
+    if cfg.teachers:
+        if cfg.adversarial != "none":
+            raise AtopError("--teacher is for standard training; it cannot be combined with --adversarial")
+        if not 0 < cfg.distill <= 1:
+            raise AtopError(f"--distill must be in (0, 1], got {cfg.distill}")
+        teacher = Teacher(cfg.teachers).to(rt.device, memory_format=torch.channels_last)
     groups = param_groups(model, cfg)
     opt = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum, nesterov=True)
     local_bs = cfg.batch_size // rt.world
@@ -224,7 +259,11 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
             if cfg.adversarial != "none":
                 x = adversarial_batch(model, x, y, cfg, gen, rt)
             with rt.autocast(cfg.bf16):
-                loss = F.cross_entropy(ddp(x), y, label_smoothing=cfg.label_smoothing, reduction="sum")
+                if teacher is not None:
+                    target = soft_targets(teacher(x), y, cfg.label_smoothing, cfg.distill)
+                    loss = F.cross_entropy(ddp(x).float(), target, reduction="sum")
+                else:
+                    loss = F.cross_entropy(ddp(x), y, label_smoothing=cfg.label_smoothing, reduction="sum")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -276,6 +315,10 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
                 "metrics": {**metrics, "measured_on": f"all {len(test_set)} test images", "tta_used_by_pipeline": cfg.tta},
             },
         }
+        if cfg.teachers:  # what taught it: enough to trace each teacher's own training
+            card["classifier"]["training"]["teachers"] = [
+                {"folder": str(f), **{k: modelio.read_card(f)["classifier"].get(k) for k in ("arch", "sha256", "metrics")},
+                 "command": modelio.read_card(f)["classifier"].get("training", {}).get("command")} for f in cfg.teachers]
         out.mkdir(parents=True, exist_ok=True)
         card["classifier"]["sha256"] = modelio.save_weights(model, out / modelio.CLASSIFIER_FILE)
         modelio.write_card(out, card)
