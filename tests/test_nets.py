@@ -59,3 +59,30 @@ def test_tta_passes(mode, passes):
 
     out = TTAClassifier(Probe(), mode)(torch.rand(2, 3, 32, 32))
     assert out.shape == (2, 3) and len(calls) == passes
+
+
+def _flops(fn, *args) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", ["gated-unet", "gated-unet-lrelu", "gated-unet-s2d"])
+def test_cpu_purifiers_cost_at_most_the_default_classifier(name):
+    # the design rule of the CPU purifiers: forward FLOPs at most the default classifier's
+    x, m = torch.rand(1, 3, 32, 32), torch.zeros(1, 1, 32, 32)
+    assert _flops(create_purifier(name).eval(), x, m) <= _flops(create_classifier("airnet").eval(), x)
+
+
+def test_s2d_purifier_has_no_full_resolution_convolution():
+    net = create_purifier("gated-unet-s2d").eval()
+    sizes = []
+    hooks = [c.register_forward_hook(lambda mod, i, o: sizes.append(o.shape[-1]))
+             for c in net.modules() if isinstance(c, torch.nn.Conv2d)]
+    with torch.no_grad():
+        assert net(torch.rand(2, 3, 32, 32), torch.zeros(2, 1, 32, 32)).shape == (2, 3, 32, 32)
+    for h in hooks:
+        h.remove()
+    assert sizes and max(sizes) == 16
