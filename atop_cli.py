@@ -118,7 +118,7 @@ def train_atop(
     model: str = typer.Option(..., help="Model folder with the pre-trained purifier and the classifier."),
     out: Path = typer.Option(..., help="Output model folder."),
     classifier: Optional[str] = typer.Option(None, help="Take the (frozen) classifier from this model folder instead."),
-    arch: str = typer.Option("", help="Fine-tune into this purifier architecture, starting from the model's weights (same parameters required, e.g. gated-unet -> gated-unet-lrelu; default: the model's own)."),
+    arch: str = typer.Option("", help="Fine-tune into this purifier architecture, starting from the model's weights (same parameters required, e.g. gated-unet -> gated-unet-lrelu; another shape only with --teacher, from scratch; default: the model's own)."),
     sigma: Optional[float] = typer.Option(None, help="Noise std for fine-tuning (default: the model's RT sigma)."),
     epochs: int = typer.Option(10, help="Epochs."),
     batch_size: int = typer.Option(256, help="Global batch size."),
@@ -129,6 +129,7 @@ def train_atop(
     attack_target: str = typer.Option("classifier", help="classifier (the paper's code) or pipeline (through g with fresh RT)."),
     clean_fraction: float = typer.Option(0.5, help="Share of each batch left clean (variant a); the rest adversarial (b)."),
     gan_weight: float = typer.Option(0.01, help="Weight of the hinge GAN loss relative to L1."),
+    teacher: str = typer.Option("", help="Distil: this model folder's purifier output on the same RT(x') is the L1 target (with --arch of another shape: a fresh student)."),
     limit: int = LimitOpt,
     eval_n: int = typer.Option(1000, help="Balanced test images for the final clean-accuracy check."),
     seed: int = SeedOpt,
@@ -147,7 +148,7 @@ def train_atop(
     _purifier_cmd("atop", out, model, classifier_source=classifier, arch=arch, rt=rt_cfg["kind"], sigma=rt_cfg["sigma"] if sigma is None else sigma,
                   rate=rt_cfg["rate"], block=rt_cfg["block"], views=rt_cfg["views"], epochs=epochs, batch_size=batch_size,
                   lr=lr, lam=lam, warmup_epochs=warmup_epochs, attack=attack, attack_target=attack_target,
-                  clean_fraction=clean_fraction, gan_weight=gan_weight, limit=limit, eval_n=eval_n, seed=seed, bf16=bf16,
+                  clean_fraction=clean_fraction, gan_weight=gan_weight, teacher=teacher, limit=limit, eval_n=eval_n, seed=seed, bf16=bf16,
                   device=device, data=data, resume=resume, progress=progress)
 
 

@@ -199,3 +199,34 @@ def test_distillation_refuses_adversarial_training(tmp_path):
 
     with pytest.raises(AtopError, match="cannot be combined"):
         _train(tmp_path / "s", teachers=("default",), adversarial="n-fgsm")
+
+
+def test_atop_distils_a_new_architecture_from_a_teacher_purifier(tmp_path):
+    """--teacher with an --arch of another shape: a fresh student learns to reproduce the teacher's output on
+    the same transformed inputs; the card names the teacher; without --teacher that --arch is still refused."""
+    from training.purifier import PurifierConfig, train
+
+    from atop_serve.registry import create_purifier
+    from atop_serve.transforms import draw_rt_inputs, random_transform
+    from training.data import load_cifar10
+
+    teacher, rt = modelio.load_purifier("default")
+    gen = torch.Generator().manual_seed(5)
+    x = load_cifar10(str(DATA_ROOT))[1].balanced_subset(40).images.float() / 255
+
+    x_t, mask = random_transform(x, rt, draw_rt_inputs(rt, len(x), 1, gen).flat())
+
+    def gap(g):
+        with torch.no_grad():
+            return (g.eval()(x_t, mask) - teacher.eval()(x_t, mask)).abs().mean().item()
+
+    torch.manual_seed(0)
+    before = gap(create_purifier("gated-unet-s2d"))
+    cfg = PurifierConfig(mode="atop", arch="gated-unet-s2d", teacher="default", attack="none", lam=0.0, epochs=3,
+                         limit=600, batch_size=100, eval_n=20, lr=3e-3, data=str(DATA_ROOT))
+    hist = train(cfg, tmp_path / "out", modelio.resolve("default"), show_progress=False)["history"]
+    assert hist[-1]["l1"] < hist[0]["l1"]
+    student = modelio.load_pipeline(tmp_path / "out").purifier
+    assert gap(student) < 0.7 * before, (gap(student), before)
+    stage = modelio.read_card(tmp_path / "out")["purifier"]["atop"]
+    assert stage["teacher"]["arch"] == "gated-unet-lrelu" and modelio.read_card(tmp_path / "out")["purifier"]["arch"] == "gated-unet-s2d"

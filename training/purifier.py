@@ -17,6 +17,13 @@ on a batch mixing clean images (variant a) and adversarial images x' (variant b)
 (with random start) or PGD-k, l_inf 8/255, against the classifier alone (``--attack-target classifier``, as
 the paper's code does) or through the whole pipeline with fresh RT draws at every step
 (``--attack-target pipeline``). lambda is 0 for the first ``--warmup-epochs`` epochs.
+
+Distillation into a new architecture (``--teacher FOLDER --arch NAME``): the L1 target becomes the teacher
+purifier's output on the same transformed input (same x', same RT draws) instead of the clean image, so a
+student of another shape (e.g. the cheaper ``gated-unet-s2d``) learns what an AToP-trained purifier does to
+clean and adversarial images directly, without repeating pre-training and every fine-tuning stage. A student
+whose shape differs from the source purifier's starts from a fresh initialisation. The GAN and lambda * CE
+terms stay as in AToP.
 """
 from __future__ import annotations
 
@@ -67,6 +74,7 @@ class PurifierConfig:
     attack_target: str = "classifier"  # classifier | pipeline
     eps: float = 8 / 255
     clean_fraction: float = 0.5  # share of each batch kept clean (variant a); the rest is adversarial
+    teacher: str = ""  # atop: a model folder whose purifier's output on the same RT(x') is the L1 target (distillation)
     seed: int = 0
     bf16: bool | None = None  # None: where it is faster (common.fast_bf16)
     limit: int = 0
@@ -172,12 +180,23 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
     if cfg.mode == "atop":
         g, _ = modelio.load_purifier(source)
         if cfg.arch and cfg.arch != src_card["purifier"]["arch"]:
-            g = carry_weights(g, cfg.arch)
+            try:
+                g = carry_weights(g, cfg.arch)
+            except AtopError:
+                if not cfg.teacher:
+                    raise
+                g = create_purifier(cfg.arch)  # a new shape: it learns from the teacher, from scratch
         cfg.arch = cfg.arch or src_card["purifier"]["arch"]
     else:
         cfg.arch = cfg.arch or "gated-unet"
         g = create_purifier(cfg.arch)
     g = g.to(rtm.device).train()
+    teacher = None
+    if cfg.teacher:
+        if cfg.mode != "atop":
+            raise AtopError("--teacher is an option of AToP fine-tuning (atop train atop)")
+        teacher, _ = modelio.load_purifier(cfg.teacher)
+        teacher = teacher.to(rtm.device).requires_grad_(False).eval()
     d = PatchDiscriminator(cfg.d_width).to(rtm.device).train()
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=cfg.betas)
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.d_lr, betas=cfg.betas)
@@ -240,7 +259,12 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
             loss_d.backward()
             opt_d.step()
             with rtm.autocast(cfg.bf16):
-                l1 = (out_img.float() - x).abs().mean()
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = teacher(x_t, mask).float()
+                else:
+                    target = x
+                l1 = (out_img.float() - target).abs().mean()
                 gan_g = -d_ddp(out_img, mask).float().mean()
                 loss = l1 + cfg.gan_weight * gan_g
                 logits = None
@@ -302,6 +326,9 @@ def _write_folder(cfg, out, clf_source, src_card, g, rt, history, elapsed, acc, 
     stage = {"config": common.config_dict(cfg), "wall_seconds": round(elapsed, 1), "hardware": common.hardware(),
              "command": common.command_line(), "git_commit": common.git_commit(), "torch": torch.__version__,
              "history": history, "classifier_unchanged": True}
+    if cfg.teacher:
+        t_card = modelio.read_card(cfg.teacher)
+        stage["teacher"] = {"folder": cfg.teacher, "arch": t_card["purifier"]["arch"], "sha256": t_card["purifier"].get("sha256")}
     pur = dict(src_card.get("purifier", {})) if cfg.mode == "atop" else {}
     pur.update({"arch": cfg.arch, "file": modelio.PURIFIER_FILE, "rt": rt.to_dict()})
     if cfg.mode == "atop" and "atop" in pur:
