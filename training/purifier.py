@@ -268,10 +268,14 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
                 gan_g = -d_ddp(out_img, mask).float().mean()
                 loss = l1 + cfg.gan_weight * gan_g
                 logits = None
-                if lam > 0 or cfg.mode == "atop":
+                if lam > 0:
                     logits = f(out_img).float()
                     cls = F.cross_entropy(logits, y)
                     loss = loss + lam * cls
+                elif cfg.mode == "atop":  # monitored only (warm-up, or lambda 0): no backward through f
+                    with torch.no_grad():
+                        logits = f(out_img.detach()).float()
+                        cls = F.cross_entropy(logits, y)
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
             opt_g.step()
