@@ -316,9 +316,10 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
             },
         }
         if cfg.teachers:  # what taught it: enough to trace each teacher's own training
+            entries = [(f, modelio.read_card(f)["classifier"]) for f in cfg.teachers]
             card["classifier"]["training"]["teachers"] = [
-                {"folder": str(f), **{k: modelio.read_card(f)["classifier"].get(k) for k in ("arch", "sha256", "metrics")},
-                 "command": modelio.read_card(f)["classifier"].get("training", {}).get("command")} for f in cfg.teachers]
+                {"folder": str(f), **{k: c.get(k) for k in ("arch", "sha256", "metrics")},
+                 "command": c.get("training", {}).get("command")} for f, c in entries]
         out.mkdir(parents=True, exist_ok=True)
         card["classifier"]["sha256"] = modelio.save_weights(model, out / modelio.CLASSIFIER_FILE)
         modelio.write_card(out, card)

@@ -177,6 +177,7 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
         p.requires_grad_(False)
     f_before = {k: v.clone() for k, v in f.state_dict().items()}
 
+    fresh = cfg.mode == "pretrain"  # a purifier without the source's history
     if cfg.mode == "atop":
         g, _ = modelio.load_purifier(source)
         if cfg.arch and cfg.arch != src_card["purifier"]["arch"]:
@@ -185,7 +186,7 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
             except AtopError:
                 if not cfg.teacher:
                     raise
-                g = create_purifier(cfg.arch)  # a new shape: it learns from the teacher, from scratch
+                g, fresh = create_purifier(cfg.arch), True  # a new shape: it learns from the teacher, from scratch
         cfg.arch = cfg.arch or src_card["purifier"]["arch"]
     else:
         cfg.arch = cfg.arch or "gated-unet"
@@ -316,13 +317,13 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
         pipe = PurifiedClassifier(g.cpu(), f_eval, rt).eval()
         acc = clean_accuracy(pipe, eval_set)
         result["clean_acc"] = acc
-        _write_folder(cfg, out, clf_source, src_card, g, rt, history, elapsed, acc, len(eval_set))
+        _write_folder(cfg, out, clf_source, src_card, g, rt, history, elapsed, acc, len(eval_set), fresh)
         print(f"clean accuracy of the purified pipeline on {len(eval_set)} balanced test images: {acc:.4f}")
     common.teardown(rtm)
     return result
 
 
-def _write_folder(cfg, out, clf_source, src_card, g, rt, history, elapsed, acc, n_eval):
+def _write_folder(cfg, out, clf_source, src_card, g, rt, history, elapsed, acc, n_eval, fresh):
     # the export and the evaluations describe the source's weights, not the ones trained here
     card = {k: v for k, v in src_card.items() if k not in ("export", "evaluation")}
     if clf_source.resolve() != out.resolve():
@@ -333,7 +334,7 @@ def _write_folder(cfg, out, clf_source, src_card, g, rt, history, elapsed, acc, 
     if cfg.teacher:
         t_card = modelio.read_card(cfg.teacher)
         stage["teacher"] = {"folder": cfg.teacher, "arch": t_card["purifier"]["arch"], "sha256": t_card["purifier"].get("sha256")}
-    pur = dict(src_card.get("purifier", {})) if cfg.mode == "atop" else {}
+    pur = {} if fresh else dict(src_card.get("purifier", {}))  # a fresh student inherits no stages or metrics
     pur.update({"arch": cfg.arch, "file": modelio.PURIFIER_FILE, "rt": rt.to_dict()})
     if cfg.mode == "atop" and "atop" in pur:
         # fine-tuning an already fine-tuned purifier: keep the earlier stages' records (oldest first)
