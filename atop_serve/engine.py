@@ -14,6 +14,7 @@ reproducibly from ``seed`` otherwise (``request_draws`` gives the same draws in 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Literal, Sequence, get_args
 
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------------ randomness
 def row_seeds(seed: int | None, k: int) -> list[int]:
     """The K per-sample seeds of one request (128-bit): from OS entropy, or reproducibly from ``seed``."""
+    if seed is None:  # the service's default: 128 bits from the OS per sample
+        raw = os.urandom(16 * k)
+        return [int.from_bytes(raw[16 * i:16 * i + 16], "little") for i in range(k)]
     words = np.random.SeedSequence(seed).generate_state(4 * k, np.uint32).reshape(k, 4)
     return [int.from_bytes(w.tobytes(), "little") for w in words]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from http import HTTPStatus
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import ClassVar, Optional
 
 import bentoml
@@ -31,10 +31,33 @@ SeedField = Field(None, ge=0, le=MAX_SEED,
 
 
 class Rejected(BadInput):
-    """A 4xx answer with the status given (BentoML maps only a few statuses to exception classes)."""
+    """An error answer with the status given: 4xx for a client's mistake, 503 for an overloaded server (BentoML maps
+    only a few statuses to exception classes)."""
 
     def __init__(self, message: str, status: int = 400):
         super().__init__(message, error_code=HTTPStatus(status))
+
+
+class Upload:
+    """An uploaded file, in memory: what a file field of these input specs holds (``read_bytes()``, like a Path).
+
+    BentoML 1.4 writes every file field to a temporary file in a per-request directory before the API sees it,
+    0.3 ms of CPU a request here: more than decoding a 32x32 JPEG."""
+
+    __slots__ = ("data", "filename", "content_type")
+
+    def __init__(self, data: bytes, filename: str | None = None, content_type: str | None = None):
+        self.data, self.filename, self.content_type = data, filename, content_type
+
+    @classmethod
+    async def read(cls, upload: UploadFile) -> "Upload":
+        return cls(await upload.read(), upload.filename, upload.content_type)
+
+    def read_bytes(self) -> bytes:
+        return self.data
+
+
+_NO_FILE = PurePath("upload")  # stands for an upload while the other fields are validated (no file is written)
 
 
 class FormInput(bentoml.IODescriptor):
@@ -56,10 +79,16 @@ class FormInput(bentoml.IODescriptor):
         missing = [k for k in cls.multipart_fields if k not in data]
         if missing:
             raise Rejected(f"missing file field {missing[0]!r}; {cls.usage}")
+        # the uploads stay in memory: validated as file fields (count, type) with a placeholder path, then put in
+        files = {k: data[k] for k in cls.multipart_fields}
+        placeholders = {k: [_NO_FILE] * len(v) if isinstance(v, list) else _NO_FILE for k, v in files.items()}
         try:
-            return cls.model_validate(data)
+            checked = cls.model_validate({**data, **placeholders})
         except ValidationError as e:
             raise Rejected(f"{_describe(e)}; {cls.usage}") from None
+        uploads = {k: [await Upload.read(f) for f in v] if isinstance(v, list) else await Upload.read(v)
+                   for k, v in files.items()}
+        return checked.model_copy(update=uploads)
 
     @classmethod
     def _field(cls, key: str, values: list):

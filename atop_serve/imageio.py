@@ -38,10 +38,17 @@ _MAGIC = (("PNG", b"\x89PNG\r\n\x1a\n"), ("JPEG", b"\xff\xd8\xff"), ("GIF", b"GI
 
 def decode(data: bytes, size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An uploaded file's bytes -> uint8 RGB array (size, size, 3), following the module's policy."""
+    with open_image(data) as img:
+        return to_pixels(img, size, max_pixels)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """An uploaded file's bytes -> a PIL image with only its header read (``img.size`` known, nothing decoded);
+    ImageError subclasses say what is wrong. Pass it to ``to_pixels``."""
     if not data:
         raise EmptyImage("the uploaded file is empty")
     try:
-        img = Image.open(io.BytesIO(data), formats=FORMATS)
+        return Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         fmt = sniff(data)
         if fmt:
@@ -51,8 +58,6 @@ def decode(data: bytes, size: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise ImageTooLarge(f"the image has too many pixels: {e}") from None
     except Exception as e:  # noqa: BLE001  (a damaged header can raise anything inside a decoder)
         raise CorruptImage(f"the image is truncated or damaged: {_reason(e)}") from None
-    with img:
-        return _pixels(img, size, max_pixels)
 
 
 def sniff(data: bytes) -> str | None:
@@ -65,7 +70,9 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def _pixels(img: Image.Image, size: int, max_pixels: int) -> np.ndarray:
+def to_pixels(img: Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """An opened image (``open_image``) -> uint8 RGB (size, size, 3): the module's policy (limit, orientation,
+    colour, resize)."""
     w, h = img.size
     if w * h > max_pixels:
         raise ImageTooLarge(f"the image is {w}x{h} ({w * h / 1e6:.1f} MP); the limit is {max_pixels / 1e6:g} MP")

@@ -10,10 +10,14 @@
     ATOP_MAX_IMAGES          largest number of images in one /classify_batch request
     ATOP_MAX_REQUEST_BYTES   largest request body, in bytes (413 above)
     ATOP_MAX_PIXELS          largest decoded image, width x height (413 above)
-    ATOP_MAX_BATCH_SIZE      adaptive batching: most purification samples (rows) in one model call
-    ATOP_MAX_LATENCY_MS      adaptive batching: BentoML's queueing deadline; a request still queued after it gets
-                             503, so keep it above the time of the largest request (max images x max samples rows)
-    ATOP_ORT_THREADS         ONNX Runtime intra-op threads (0: ONNX Runtime's default, one per core)
+    ATOP_MAX_BATCH_SIZE      batching: most purification samples (rows) in one model call
+    ATOP_MAX_LATENCY_MS      batching: the queueing deadline; a request whose rows are still queued after it gets 503,
+                             so keep it above the time of the largest request (max images x max samples rows)
+    ATOP_WORKERS             serving processes, each with the model and its own batcher (0, the default: one per
+                             usable CPU core, at most 4; 1 is the choice on a GPU)
+    ATOP_ORT_THREADS         ONNX Runtime intra-op threads per worker (0, the default: usable cores / workers, >= 1)
+    ATOP_ACCESS_LOG          1 (default) logs one line per request (BentoML's access log); 0 turns it off (/metrics
+                             still counts requests, and rejected requests are still logged)
     ATOP_ATTACK_SECONDS      the attack demo (POST /attack_demo): time limit of one attack, seconds (0 < s <= 30)
     ATOP_ATTACK_QUERIES      the attack demo: most queries (classifier calls) of one attack
     ATOP_GRAPH               which exported graph runs: auto (default: pipeline.opt.onnx, the faster CPU variant, when
@@ -35,6 +39,7 @@ from .imageio import DEFAULT_MAX_PIXELS
 
 GRAPH_CHOICES = ("auto", "fp32", "opt")
 MAX_ATTACK_SECONDS = 30.0  # one attack holds a CPU core for this long at most
+MAX_AUTO_WORKERS = 4  # automatic workers: each holds a copy of the model and forms its own batches
 _TAG = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -49,7 +54,9 @@ class Settings:
     max_pixels: int = DEFAULT_MAX_PIXELS     # decoded image, width x height
     max_batch_size: int = 16                 # rows (image x sample) per model call (docs/benchmarks.md)
     max_latency_ms: int = 7100               # batching queue deadline, ms (503 beyond; docs/benchmarks.md)
-    ort_threads: int = 2                     # a 2-core machine: the model worker uses both for one batch
+    workers: int = 0                         # serving processes; 0: one per usable core, at most MAX_AUTO_WORKERS
+    ort_threads: int = 0                     # ONNX Runtime threads per worker; 0: usable cores / workers
+    access_log: bool = True                  # BentoML's per-request log line
     providers: tuple[str, ...] = ()          # () = automatic (CUDA if present, then CPU)
     graph: str = "auto"                      # auto: the card's faster CPU variant on CPU, else fp32; fp32; opt
     attack_seconds: float = 5.0              # attack demo: time limit of one attack, s
@@ -91,9 +98,25 @@ class Settings:
             raise AtopError(f"ATOP_DEFAULT_SAMPLES must be in 0..ATOP_MAX_SAMPLES ({s.max_samples}), got {s.default_samples}")
         if s.graph not in GRAPH_CHOICES:
             raise AtopError(f"ATOP_GRAPH={s.graph!r}: valid: {', '.join(GRAPH_CHOICES)}")
-        if s.max_batch_size < 2:
-            raise AtopError("ATOP_MAX_BATCH_SIZE must be >= 2 (BentoML batching)")
+        if s.workers < 0 or s.ort_threads < 0:
+            raise AtopError("ATOP_WORKERS and ATOP_ORT_THREADS must be >= 0 (0: automatic)")
         return s
+
+    def serving_workers(self) -> int:
+        """Serving processes: ATOP_WORKERS, or one per usable core (at most MAX_AUTO_WORKERS)."""
+        return self.workers or max(1, min(usable_cores(), MAX_AUTO_WORKERS))
+
+    def threads_per_worker(self) -> int:
+        """ONNX Runtime intra-op threads of each worker: ATOP_ORT_THREADS, or the usable cores shared out."""
+        return self.ort_threads or max(1, usable_cores() // self.serving_workers())
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; cgroup CPU quotas are not read)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @functools.lru_cache(maxsize=1)

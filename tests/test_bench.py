@@ -183,7 +183,7 @@ def test_quick_bench_writes_report(serving_folder, tmp_path, monkeypatch):
         assert lv["share_of_best_model_level"] > 0
         sv = lv["server"]  # the server's own account (/metrics): every request, one row each, in model calls
         assert sv["requests"] == lv["sent"] and sv["rows"] == lv["sent"] and 1 <= sv["model_calls"] <= lv["sent"]
-        assert sv["request_mean_ms"] > 0 and sv["infer_mean_ms"] > 0 and sv["model_busy_share_est"] > 0
+        assert sv["request_mean_ms"] > 0 and sv["call_mean_ms"] > 0 and sv["model_busy_share"] > 0
         assert 0 < sv["server_cpu"] <= m["cores"] and 0 < lv["client_cpu"]  # CPU of the server's processes, client's
     assert http["choice"]["max_batch_size"] == Settings().max_batch_size and http["choice"]["max_latency_ms"] >= 1000 and http["choice"]["why"]
 

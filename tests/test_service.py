@@ -34,7 +34,7 @@ from tests.conftest import DATA_ROOT, make_model_folder, needs_data
 
 SERVER_ENV = {  # small limits keep the error tests cheap
     "ATOP_MAX_REQUEST_BYTES": str(1024 * 1024), "ATOP_MAX_IMAGES": "8", "ATOP_MAX_SAMPLES": "4",
-    "ATOP_ALLOW_SEED": "0", "ATOP_ORT_THREADS": "1", "OMP_NUM_THREADS": "1",
+    "ATOP_ALLOW_SEED": "0", "ATOP_WORKERS": "2", "ATOP_ORT_THREADS": "1", "OMP_NUM_THREADS": "1",
 }
 
 
@@ -263,7 +263,26 @@ def test_accuracy_equals_offline_graph(server, det_folder):
 def test_server_never_crashed(server):
     log = server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
-    assert log.count("Service atop-model initialized") == 1 and log.count("Service atop initialized") == 1
+    assert log.count("Service atop initialized") == 2 and "2 worker(s) x 1 thread(s)" in log  # ATOP_WORKERS=2
+
+
+def test_overload_is_503_with_the_reason(det_folder, tmp_path):
+    """Rows still queued after ATOP_MAX_LATENCY_MS are not run: 503 with the reason and Retry-After, never a 500;
+    the server goes on answering."""
+    env = {**SERVER_ENV, "ATOP_WORKERS": "1", "ATOP_MAX_LATENCY_MS": "1", "ATOP_MAX_BATCH_SIZE": "2"}
+    body = png(np.full((32, 32, 3), 128, np.uint8))
+    with serve(det_folder, env, tmp_path) as running:
+        def ask(_):
+            return running.post("/classify", files={"image": ("a.png", body)}, data={"samples": "4"})
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, range(48)))
+        statuses = {r.status_code for r in answers}
+        assert statuses <= {200, 503} and 503 in statuses, statuses
+        busy = next(r for r in answers if r.status_code == 503)
+        assert "overloaded" in busy.json()["error"] and busy.headers["retry-after"] == "1"
+        assert ask(0).status_code in (200, 503) and httpx.get(running.url + "/readyz").status_code == 200
+        assert "Traceback" not in running.log.read_text()
 
 
 # ------------------------------------------------------------------------------------------ in process: engine
@@ -366,11 +385,14 @@ def test_serving_needs_no_torch(det_folder, tmp_path):
 def test_settings_from_env():
     s = Settings.from_env({})
     assert (s.model, s.allow_seed, s.max_batch_size, s.max_latency_ms) == ("", False, 16, 7100)
+    assert 1 <= s.serving_workers() <= 4 and s.threads_per_worker() >= 1 and s.access_log
+    s = Settings.from_env({"ATOP_WORKERS": "3", "ATOP_ORT_THREADS": "2", "ATOP_ACCESS_LOG": "0"})
+    assert (s.serving_workers(), s.threads_per_worker(), s.access_log) == (3, 2, False)
     s = Settings.from_env({"ATOP_ALLOW_SEED": "1", "ATOP_MAX_SAMPLES": "16", "ATOP_PROVIDERS": "CPUExecutionProvider"})
     assert s.allow_seed and s.max_samples == 16 and s.providers == ("CPUExecutionProvider",)
     assert Settings.from_env({"ATOP_DEFAULT_SAMPLES": "3"}).default_samples == 3
     for bad in ({"ATOP_MAX_SAMPLES": "lots"}, {"ATOP_ALLOW_SEED": "maybe"}, {"ATOP_MAX_IMAGES": "0"},
-                {"ATOP_DEFAULT_SAMPLES": "9"}, {"ATOP_DEFAULT_SAMPLES": "-1"}):
+                {"ATOP_DEFAULT_SAMPLES": "9"}, {"ATOP_DEFAULT_SAMPLES": "-1"}, {"ATOP_WORKERS": "-1"}):
         with pytest.raises(AtopError, match="ATOP_"):
             Settings.from_env(bad)
 

@@ -1030,9 +1030,9 @@ def http_level(cfg: BenchConfig, preset: Preset, folder: Path, work: Path, deadl
         env = {"ATOP_MAX_BATCH_SIZE": str(mbs), "ATOP_MAX_LATENCY_MS": str(latency_ms)} if mbs else {}
         try:
             if cfg.url:
-                run["levels"] = _drive_levels(cfg.url, payloads, levels, preset, deadline, len(candidates) - i, log,
-                                              model_rows_per_s)
                 run["server"] = _server_info(cfg.url)
+                run["levels"] = _drive_levels(cfg.url, payloads, levels, preset, deadline, len(candidates) - i, log,
+                                              _workers(run["server"]))
                 run["max_batch_size"] = run["server"].get("batching", {}).get("max_batch_size")
                 run["max_latency_ms"] = run["server"].get("batching", {}).get("max_latency_ms")
             else:
@@ -1043,7 +1043,7 @@ def http_level(cfg: BenchConfig, preset: Preset, folder: Path, work: Path, deadl
                     log(f"  server up in {server.startup_s:.1f} s (ATOP_MAX_BATCH_SIZE={mbs}, "
                         f"ATOP_MAX_LATENCY_MS={latency_ms})")
                     run["levels"] = _drive_levels(server.url, payloads, levels, preset, deadline,
-                                                  len(candidates) - i, log, model_rows_per_s, server.pid)
+                                                  len(candidates) - i, log, _workers(run["server"]), server.pid)
                 run["server_log_tracebacks"] = log_path.read_text(errors="replace").count("Traceback")
         except AtopError as e:
             run["error"] = str(e)[-1500:]
@@ -1065,8 +1065,13 @@ def _server_info(url: str) -> dict:
         return {"error": f"{type(e).__name__}: {e}"[:200]}
 
 
+def _workers(info: dict) -> int:
+    """The serving processes a server reports in /metadata (serving.batching.workers; 1 if it does not say)."""
+    return int((info.get("batching") or {}).get("workers") or 1)
+
+
 def _drive_levels(url, payloads, levels, preset: Preset, deadline: float, runs_left: int, log,
-                  model_rows_per_s: dict, server_pid: int | None = None) -> list[dict]:
+                  workers: int = 1, server_pid: int | None = None) -> list[dict]:
     """Warm up, then each concurrency level in turn; with the server's own account of each level (/metrics) and,
     for a server this run started, the CPU its processes used (cores busy)."""
     warm = loadgen.run_load(url, payloads, min(8, max(levels)), 16, 10.0, seed=1)  # first requests start lazily
@@ -1083,8 +1088,7 @@ def _drive_levels(url, payloads, levels, preset: Preset, deadline: float, runs_l
         cpu0 = loadgen.tree_cpu_seconds(server_pid) if server_pid else None
         r = loadgen.run_load(url, payloads, c, max(preset.requests, c), secs, seed=c).to_dict()
         cpu1 = loadgen.tree_cpu_seconds(server_pid) if server_pid else None
-        r["server"] = _server_side(loadgen.metrics_delta(before, loadgen.server_metrics(url)), r["wall_s"],
-                                   model_rows_per_s)
+        r["server"] = _server_side(loadgen.metrics_delta(before, loadgen.server_metrics(url)), r["wall_s"], workers)
         if r["server"] is not None and cpu0 is not None and cpu1 is not None and r["wall_s"] > 0:
             r["server"]["server_cpu"] = round((cpu1 - cpu0) / r["wall_s"], 3)
         out.append(r)
@@ -1095,14 +1099,14 @@ def _drive_levels(url, payloads, levels, preset: Preset, deadline: float, runs_l
     return out
 
 
-def _server_side(delta: dict | None, wall_s: float, model_rows_per_s: dict) -> dict | None:
-    """The server's account of a level plus an estimate of how busy the model worker was: its rows at the
-    model-level rate of the backend the service runs (``served_backend``) at its mean rows per call."""
+def _server_side(delta: dict | None, wall_s: float, workers: int) -> dict | None:
+    """The server's account of a level plus how busy the model was: the time its workers' model threads spent in
+    model calls over the level's wall time, per worker (1.0: every worker's model never idle)."""
     if not delta:
         return None
-    if delta.get("rows_per_call") and model_rows_per_s and wall_s > 0:
-        rate = _interpolate_log(model_rows_per_s, delta["rows_per_call"])
-        delta["model_busy_share_est"] = round(delta["rows"] / rate / wall_s, 3)
+    delta["workers"] = workers
+    if wall_s > 0:
+        delta["model_busy_share"] = round(delta["model_seconds"] / wall_s / workers, 3)
     return delta
 
 
@@ -1167,7 +1171,7 @@ def choose_batching(runs: list[dict], defaults, model_rows_per_s: dict, k_defaul
         how = "the most requests/s"
     why = (f"max_batch_size {mbs}: {how} at concurrency {lv['concurrency']} ({rps:.0f} req/s, {errors} errors)"
            + (f" against {others}" if others else " (the only candidate run)")
-           + f". max_latency_ms {latency}: in BentoML 1.4 it is a queueing deadline (503 beyond), so it is set to the "
+           + f". max_latency_ms {latency}: it is the batcher's queueing deadline (503 beyond), so it is set to the "
            f"largest of 2 x the worst p99 seen in these runs ({worst_p99:.0f} ms) x {k_default} (the runs post K = 1 "
            f"requests; the default is K = {k_default}), 1.5 x the time of the largest legal request "
            f"({defaults.max_images} images x {defaults.max_samples} samples = {rows} rows at about {rows_per_s:.0f} "
@@ -1285,13 +1289,12 @@ def suggestions(report: dict) -> list[str]:
             + (f" The service runs {graph}, whose model-level best is {served['images_per_s']:,.0f} "
                f"images/s (batch {served['batch']})." if served else "")
             + _server_split(report)
-            + " Per request the server parses a multipart body, decodes a JPEG, derives a 128-bit seed and draws RT "
-              f"inputs per row ({draw.get('service_us_per_row', '?')} us per row, vs {draw.get('batched_us_per_row', '?')} "
-              "us drawn batched), ships the row to the model worker and back, and waits in BentoML's adaptive batching "
-              "queue; the load generator runs on the same cores. To try: the load generator on another machine, a "
-              "larger max_batch_size while requests/s still rises with it, per-call instead of per-row draws, "
-              "several model workers or a server that batches without a second process, and /classify_batch for clients "
-              "with several images.")
+            + " Per request the server runs BentoML's middleware (metrics, tracing, access log, limits) and API layer, "
+              "parses a multipart body, decodes a JPEG, draws 128-bit seeds and RT inputs per row "
+              f"({draw.get('service_us_per_row', '?')} us per row, vs {draw.get('batched_us_per_row', '?')} us drawn "
+              "batched) and waits for its worker's batcher; the load generator runs on the same cores. To try: the "
+              "load generator on another machine, ATOP_ACCESS_LOG=0, per-call instead of per-row draws, and "
+              "/classify_batch for clients with several images.")
     return out
 
 
@@ -1304,14 +1307,16 @@ def _server_split(report: dict) -> str:
     sv = (lv or {}).get("server")
     if not sv or not sv.get("request_mean_ms"):
         return ""
-    busy = sv.get("model_busy_share_est")
+    busy = sv.get("model_busy_share")
     text = (f" At concurrency {lv['concurrency']} the client saw p50 {lv['latency_ok']['p50_ms']:.0f} ms; inside the "
-            f"server a request took {sv['request_mean_ms']:.0f} ms on average, of which the batched model call (queue "
-            f"+ model) {sv['infer_mean_ms']:.0f} ms, in {sv['model_calls']} model calls of {sv['rows_per_call']} rows.")
+            f"server a request took {sv['request_mean_ms']:.0f} ms on average; the {sv.get('workers', 1)} worker(s) made "
+            f"{sv['model_calls']} model calls of {sv['rows_per_call']} rows, {_f(sv.get('call_mean_ms'))} ms each, after "
+            f"{_f(sv.get('queue_mean_ms'))} ms of queueing.")
     if busy is not None:
-        text += f" The model worker was busy about {100 * busy:.0f} % of the time (estimate): " + (
+        text += f" The model threads were busy {100 * busy:.0f} % of the time: " + (
             "the bottleneck is outside the model (request handling, transport, the client)." if busy < 0.5 else
-            "the model itself is the bottleneck; faster model calls or larger batches help most." if busy > 0.8 else
+            "they were rarely idle, and their calls share the cores with the request handling (a call's time includes "
+            "waiting for a core), so both count." if busy > 0.8 else
             "both the model and the request handling around it count.")
     if sv.get("server_cpu") is not None:
         text += (f" The server's processes used {100 * sv['server_cpu']:.0f} % of a core in all (the machine has "
@@ -1570,17 +1575,18 @@ def markdown(r: dict, images: list[str]) -> str:
         sides = [(run["max_batch_size"], lv["concurrency"], lv["server"]) for run in http["runs"]
                  for lv in run.get("levels", []) if lv.get("server")]
         if sides:
-            L += ["", "Server side, from its /metrics (per level): mean time of a request in the public service, mean time "
-                      "of the model service's batched call (queue + model), model calls, rows per call, and how busy the "
-                      f"model worker was (estimate: its rows at the model-level {served_backend(r['model_level'])} rate, the "
-                      "graph the service runs), and the CPU the server's processes used, in % of one core (all its "
-                      "workers; 100 % per core of the machine at most).", "",
-                  "| max_batch_size | concurrency | request mean ms | model call mean ms | model calls | rows per call "
-                  "| model busy (est.) | server CPU |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            L += ["", "Server side, from its /metrics (per level, summed over its workers): mean time of a request, model "
+                      "calls of the workers' batchers, rows per call, mean time of a call and of the queueing before it "
+                      "(its oldest row), how busy the model threads were (time in model calls / wall time / workers), "
+                      "and the CPU the server's processes used, in % of one core (100 % per core of the machine at "
+                      "most).", "",
+                  "| max_batch_size | concurrency | request mean ms | model calls | rows per call | call mean ms | "
+                  "queue mean ms | model busy | server CPU |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for mbs, c, sv in sides:
-                busy, cpu = sv.get("model_busy_share_est"), sv.get("server_cpu")
-                L.append(f"| {mbs} | {c} | {_f(sv['request_mean_ms'])} | {_f(sv['infer_mean_ms'])} | {sv['model_calls']} | "
-                         f"{_f(sv['rows_per_call'], 2)} | {_f(None if busy is None else 100 * busy, 0, ' %')} | "
+                busy, cpu = sv.get("model_busy_share"), sv.get("server_cpu")
+                L.append(f"| {mbs} | {c} | {_f(sv['request_mean_ms'])} | {sv['model_calls']} | "
+                         f"{_f(sv['rows_per_call'], 2)} | {_f(sv.get('call_mean_ms'))} | {_f(sv.get('queue_mean_ms'))} | "
+                         f"{_f(None if busy is None else 100 * busy, 0, ' %')} | "
                          f"{_f(None if cpu is None else 100 * cpu, 0, ' %')} |")
         ch = http.get("choice") or {}
         L += ["", f"**Batching choice:** `ATOP_MAX_BATCH_SIZE={ch.get('max_batch_size')}`, "

@@ -180,6 +180,10 @@ async def _drive(url, payloads, concurrency, max_requests, max_seconds, endpoint
 
     order = list(range(len(payloads)))
     random.Random(seed).shuffle(order)
+    # the multipart bodies are encoded once, before the clock starts: the client shares the CPU with the server
+    boundary = "atop-loadgen-" + "".join(random.Random(seed).choices("0123456789abcdef", k=24))
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    bodies = [multipart_body(boundary, p, samples) for p in payloads]
     records: list[_Record] = []
     first_errors: list[str] = []
     issued = 0
@@ -192,15 +196,13 @@ async def _drive(url, payloads, concurrency, max_requests, max_seconds, endpoint
         async def worker() -> None:
             nonlocal issued
             while issued < max_requests and time.perf_counter() < deadline:
-                p = payloads[order[issued % len(order)]]
+                i = order[issued % len(order)]
+                p = payloads[i]
                 issued += 1
-                form = aiohttp.FormData()
-                form.add_field("image", p.data, filename=p.name, content_type=p.mime)
-                form.add_field("samples", str(samples))  # always explicit: a server's default K is the model card's
                 start = time.perf_counter()
                 error, detail, predicted = None, "", None
                 try:
-                    async with client.post(endpoint, data=form) as r:
+                    async with client.post(endpoint, data=bodies[i], headers=headers) as r:
                         body = await r.read()
                     if r.status != 200:
                         error, detail = f"HTTP {r.status}", body[:200].decode(errors="replace")
@@ -237,6 +239,17 @@ async def _drive(url, payloads, concurrency, max_requests, max_seconds, endpoint
         client_cpu=round(cpu / wall, 3) if wall > 0 else 0.0)
 
 
+def multipart_body(boundary: str, payload: Payload, samples: int) -> bytes:
+    """The /classify form of one image: the ``image`` file field and an explicit ``samples`` (a server's default K
+    is the model card's), as multipart/form-data with ``boundary`` (RFC 7578)."""
+    name = payload.name.replace('"', "%22").replace("\r", "").replace("\n", "")
+    return b"".join([
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+        f"Content-Type: {payload.mime}\r\n\r\n".encode(), payload.data,
+        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="samples"\r\n\r\n{samples}\r\n'
+        f"--{boundary}--\r\n".encode()])
+
+
 # ------------------------------------------------------------------------------------------ CPU of a process tree
 def tree_cpu_seconds(pid: int) -> float | None:
     """CPU time (user + system, seconds) used so far by ``pid`` and every living descendant (Linux /proc), e.g. a
@@ -269,53 +282,51 @@ def tree_cpu_seconds(pid: int) -> float | None:
 
 
 
-_SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)\{(.*)\}\s+(\S+)$")
+_SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 def server_metrics(url: str, endpoint: str = "/classify") -> dict[str, float] | None:
-    """Cumulative counters from the server's Prometheus /metrics: time and count of ``endpoint`` requests in the
-    public service, of the model service's batched /infer requests, and adaptive batching's calls and rows.
-    None if they cannot be read."""
+    """Cumulative counters from the server's Prometheus /metrics (summed over its workers): time and count of
+    ``endpoint`` requests, and of the batcher's model calls: their rows, their time, and how long their oldest
+    row had queued (atop_serve/batcher.py). None if they cannot be read."""
     import httpx
 
     try:
         text = httpx.get(check_local(url) + "/metrics", timeout=10, trust_env=False).text
     except httpx.HTTPError:
         return None
-    out = dict.fromkeys(("request_s", "requests", "infer_s", "infers", "batch_rows", "batch_calls"), 0.0)
+    out = dict.fromkeys(("request_s", "requests", "call_s", "calls", "queue_s", "batch_rows"), 0.0)
+    names = {"bentoml_service_request_duration_seconds_sum": "request_s",
+             "bentoml_service_request_duration_seconds_count": "requests",
+             "atop_model_call_seconds_sum": "call_s", "atop_model_call_seconds_count": "calls",
+             "atop_model_queue_seconds_sum": "queue_s", "atop_model_batch_rows_sum": "batch_rows"}
     for line in text.splitlines():
         m = _SAMPLE.match(line)
-        if not m:
+        if not m or m.group(1) not in names:
             continue
-        name, labels, value = m.group(1), dict(_LABEL.findall(m.group(2))), m.group(3)
+        labels = dict(_LABEL.findall(m.group(2) or ""))
+        if m.group(1).startswith("bentoml_") and labels.get("endpoint") != endpoint:
+            continue
         try:
-            v = float(value)
+            out[names[m.group(1)]] += float(m.group(3))
         except ValueError:
             continue
-        if name in ("bentoml_service_request_duration_seconds_sum", "bentoml_service_request_duration_seconds_count"):
-            which = {("atop", endpoint): "request", ("atop-model", "/infer"): "infer"}.get(
-                (labels.get("service_name"), labels.get("endpoint")))
-            if which:
-                out[f"{which}_s" if name.endswith("_sum") else f"{which}s"] += v
-        elif name == "bentoml_service_adaptive_batch_size_sum":
-            out["batch_rows"] += v
-        elif name == "bentoml_service_adaptive_batch_size_count":
-            out["batch_calls"] += v
     return out
 
 
 def metrics_delta(before: dict | None, after: dict | None) -> dict | None:
-    """What the server did between two ``server_metrics`` readings: mean request time in the public service, mean
-    time of the model service's /infer (batching queue + model call), model calls and rows per call."""
+    """What the server did between two ``server_metrics`` readings: mean request time, model calls, rows per call,
+    mean time of a model call and mean time its oldest row queued for it."""
     if not before or not after:
         return None
     d = {k: after[k] - before[k] for k in after}
     mean = lambda s, n: round(1000 * d[s] / d[n], 2) if d[n] else None  # noqa: E731
     return {"requests": int(d["requests"]), "request_mean_ms": mean("request_s", "requests"),
-            "infer_mean_ms": mean("infer_s", "infers"),
-            "model_calls": int(d["batch_calls"]), "rows": int(d["batch_rows"]),
-            "rows_per_call": round(d["batch_rows"] / d["batch_calls"], 2) if d["batch_calls"] else None}
+            "call_mean_ms": mean("call_s", "calls"), "queue_mean_ms": mean("queue_s", "calls"),
+            "model_calls": int(d["calls"]), "rows": int(d["batch_rows"]),
+            "rows_per_call": round(d["batch_rows"] / d["calls"], 2) if d["calls"] else None,
+            "model_seconds": round(d["call_s"], 3)}
 
 
 # ------------------------------------------------------------------------------------------ server
