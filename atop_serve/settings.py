@@ -52,8 +52,8 @@ class Settings:
     max_images: int = 64                     # files in one /classify_batch
     max_request_bytes: int = 10 * 1024 * 1024  # request body, bytes
     max_pixels: int = DEFAULT_MAX_PIXELS     # decoded image, width x height
-    max_batch_size: int = 16                 # rows (image x sample) per model call (docs/benchmarks.md)
-    max_latency_ms: int = 7100               # batching queue deadline, ms (503 beyond; docs/benchmarks.md)
+    max_batch_size: int = 128                # rows (image x sample) per model call (docs/benchmarks.md)
+    max_latency_ms: int = 3500               # batching queue deadline, ms (503 beyond; docs/benchmarks.md)
     workers: int = 0                         # serving processes; 0: one per usable core, at most MAX_AUTO_WORKERS
     ort_threads: int = 0                     # ONNX Runtime threads per worker; 0: usable cores / workers
     access_log: bool = True                  # BentoML's per-request log line
