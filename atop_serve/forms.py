@@ -31,8 +31,7 @@ SeedField = Field(None, ge=0, le=MAX_SEED,
 
 
 class Rejected(BadInput):
-    """An error answer with the status given: 4xx for a client's mistake, 503 for an overloaded server (BentoML maps
-    only a few statuses to exception classes)."""
+    """A 4xx answer with the status given (BentoML maps only a few statuses to exception classes)."""
 
     def __init__(self, message: str, status: int = 400):
         super().__init__(message, error_code=HTTPStatus(status))

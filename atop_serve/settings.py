@@ -14,7 +14,7 @@
     ATOP_MAX_LATENCY_MS      batching: the queueing deadline; a request whose rows are still queued after it gets 503,
                              so keep it above the time of the largest request (max images x max samples rows)
     ATOP_WORKERS             serving processes, each with the model and its own batcher (0, the default: one per
-                             usable CPU core, at most 4; 1 is the choice on a GPU)
+                             usable CPU core, at most 4; on a GPU each worker holds its own CUDA session)
     ATOP_ORT_THREADS         ONNX Runtime intra-op threads per worker (0, the default: usable cores / workers, >= 1)
     ATOP_ACCESS_LOG          1 (default) logs one line per request (BentoML's access log); 0 turns it off (/metrics
                              still counts requests, and rejected requests are still logged)
