@@ -228,7 +228,10 @@ def test_atop_distils_a_new_architecture_from_a_teacher_purifier(tmp_path):
     assert hist[-1]["l1"] < hist[0]["l1"]
     student = modelio.load_pipeline(tmp_path / "out").purifier
     assert gap(student) < 0.7 * before, (gap(student), before)
-    pur_card = modelio.read_card(tmp_path / "out")["purifier"]
+    card = modelio.read_card(tmp_path / "out")
+    pur_card = card["purifier"]
     assert "pretraining" not in pur_card and "atop_earlier" not in pur_card  # the teacher's history is not the student's
+    # nor its name, FLOPs count, evaluations or export
+    assert not {"name", "flops", "evaluation", "evaluation_of_earlier_weights", "export"} & set(card), sorted(card)
     stage = pur_card["atop"]
     assert stage["teacher"]["arch"] == "gated-unet-lrelu" and modelio.read_card(tmp_path / "out")["purifier"]["arch"] == "gated-unet-s2d"

@@ -324,8 +324,10 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
 
 
 def _write_folder(cfg, out, clf_source, src_card, g, rt, history, elapsed, acc, n_eval, fresh):
-    # the export and the evaluations describe the source's weights, not the ones trained here
-    card = {k: v for k, v in src_card.items() if k not in ("export", "evaluation")}
+    # the export, the evaluations and the name describe the source's weights, not the ones trained here; its FLOPs
+    # count still holds for the same purifier architecture only
+    drop = {"export", "evaluation", "evaluation_of_earlier_weights", "name", *(("flops",) if fresh else ())}
+    card = {k: v for k, v in src_card.items() if k not in drop}
     if clf_source.resolve() != out.resolve():
         shutil.copy2(clf_source / src_card["classifier"].get("file", modelio.CLASSIFIER_FILE), out / modelio.CLASSIFIER_FILE)
     stage = {"config": common.config_dict(cfg), "wall_seconds": round(elapsed, 1), "hardware": common.hardware(),
