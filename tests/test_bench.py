@@ -213,7 +213,7 @@ def test_bench_drives_a_running_server(serving_folder, server):
     (["--model", "/nowhere/at/all"], "does not exist"),
     (["--backends", "torch-fp64"], "unknown backend"),
     (["--batch-sizes", "1,many"], "--batch-sizes must be comma-separated integers"),
-    (["--batching", "1"], "ATOP_MAX_BATCH_SIZE"),
+    (["--batching", "0"], "--batching"),
     (["--url", "http://example.com:3000"], "only talks to this machine"),
 ])
 def test_bench_usage_errors_are_one_line(args, message, monkeypatch, capsys):

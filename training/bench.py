@@ -141,8 +141,6 @@ class BenchConfig:
         for name in ("batch_sizes", "samples", "concurrency", "batching"):
             if any(v < 1 for v in getattr(self, name)):
                 raise AtopError(f"--{name.replace('_', '-')} values must be >= 1")
-        if any(v < 2 for v in self.batching):
-            raise AtopError("--batching values must be >= 2 (ATOP_MAX_BATCH_SIZE)")
         for name in ("requests", "level_seconds", "threads", "budget_s"):
             if getattr(self, name) < 0:
                 raise AtopError(f"--{name.replace('_s', '').replace('_', '-')} must be >= 0 (0: the default)")
