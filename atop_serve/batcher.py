@@ -80,10 +80,6 @@ class RowBatcher:
         self._wake.set()
         return await job.future
 
-    @property
-    def queued_rows(self) -> int:
-        return sum(j.rows for j in self._queue)
-
     def _take(self) -> list[_Job]:
         """The next call's jobs: expired ones fail, cancelled ones are dropped, then whole jobs up to max_rows."""
         now = time.perf_counter()
@@ -142,8 +138,3 @@ class RowBatcher:
         parts = [self.predict(images[i:i + self.max_rows], seeds[i:i + self.max_rows], views[i:i + self.max_rows])
                  for i in range(0, len(seeds), self.max_rows)]
         return np.concatenate([p for p, _ in parts]), [q for _, qs in parts for q in qs]
-
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self._thread.shutdown(wait=False, cancel_futures=True)

@@ -1408,8 +1408,8 @@ def served_backend(ml: dict) -> str:
 
 
 def _ort_rows_per_s(ml: dict) -> dict:
-    """The served backend's pipeline K = 1 rows/s by batch size: sizes the largest-request estimate and the
-    model worker's busy share."""
+    """The served backend's pipeline K = 1 rows/s by batch size: sizes the largest-request estimate behind the
+    batching deadline."""
     b = ml["backends"].get(served_backend(ml), {})
     return {c["batch"]: c["rows_per_s"] for c in _cells(b, "pipeline", 1)}
 
