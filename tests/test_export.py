@@ -427,8 +427,8 @@ def test_int8_full_quantises_the_purifier_glue(model_dir, tmp_path):
     assert len(optimize.nodes_of(src, ("LeakyRelu",), scope="pipeline.purifier")) == 8
     ops = {}
     logging.getLogger().setLevel(logging.ERROR)
-    for name, glue in optimize.INT8_RECIPES.items():
-        q = optimize.build_int8(src, tmp_path / f"{name}.onnx", calib.images, pipe.transform, glue=glue)
+    for name, recipe in optimize.INT8_RECIPES.items():
+        q = optimize.build_int8(src, tmp_path / f"{name}.onnx", calib.images, pipe.transform, recipe)
         so = ort.SessionOptions()
         so.optimized_model_filepath = str(tmp_path / f"{name}.optimized.onnx")
         so.log_severity_level = 3
@@ -437,3 +437,10 @@ def test_int8_full_quantises_the_purifier_glue(model_dir, tmp_path):
     assert ops["int8"].count("LeakyRelu") == 8 and "QLinearLeakyRelu" not in ops["int8"]
     assert ops["int8-full"].count("LeakyRelu") == 1 and ops["int8-full"].count("QLinearLeakyRelu") == 7
     assert ops["int8-full"].count("QLinearSigmoid") == 7 and ops["int8-full"].count("QLinearMul") == 7
+    # int8-full-in: the purifier's input convolution on int8 too; its output convolution stays fp32
+    weight_of = {n.name: n.input[1] for n in onnx.load(str(src), load_external_data=False).graph.node
+                 if n.op_type in ("Conv", "Gemm", "MatMul")}
+    kept = {weight_of[n].split(".", 1)[1].removesuffix(".weight")
+            for n in optimize.kept_fp32(src, optimize.INT8_RECIPES["int8-full-in"])}
+    assert kept == {"purifier.out", "classifier.classifier.whiten", "classifier.classifier.head"}
+    assert ops["int8-full-in"].count("QLinearConv") == ops["int8-full"].count("QLinearConv") + 1
