@@ -13,7 +13,7 @@ Candidates (each built from the verified fp32 ``pipeline.onnx``):
     off for ``gated-unet-lrelu`` (a quantised LeakyReLU is a table lookup); ELU has no quantised kernel.
   - ``int8-full-in``: ``int8-full`` plus the purifier's input convolution (the output one and the classifier's ends
     stay fp32). For ``gated-unet-s2d`` it is not tiny: it runs at 16x16 on the 16 folded channels and was, with the
-    layout conversions around it, about a sixth of its time in float (ONNX Runtime profile, batch 32). Its input is the
+    layout conversions around it, about a sixth of its time in float (docs/export.md). Its input is the
     noisy transformed image, whose noise (sigma 0.1) dwarfs uint8 steps. (Quantising the output convolution too
     was tried: 20 % faster again, but 0.7 points of robust accuracy lost on 1,000 images, over the tolerance.)
 
