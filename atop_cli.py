@@ -174,6 +174,7 @@ def eval_cmd(
     rate: Optional[float] = typer.Option(None, help="Override the RT mask rate (share of blocks missing)."),
     rt: Optional[str] = typer.Option(None, help="Override the RT kind: rt1, rt2, rt3 (table7: comma-separated list)."),
     tta: Optional[str] = typer.Option(None, help="Override the classifier TTA: none, flip, flip-translate."),
+    mirror: Optional[bool] = typer.Option(None, "--mirror/--no-mirror", help="Override the card's pipeline.mirror (odd-numbered purification samples on the mirrored image).", show_default=False),
     quantize: bool = typer.Option(False, help="Round adversarial images to 8 bits as the service does (BPDA gradients)."),
     graph: str = typer.Option("torch", help="What scores the images: torch (eager pipeline), onnx (the folder's pipeline.onnx, as served) or opt (pipeline.opt.onnx, the faster CPU variant). Attacks take gradients in PyTorch either way."),
     seed: int = typer.Option(0, help="Seed for the subset, random starts and RT draws."),
@@ -192,7 +193,7 @@ def eval_cmd(
                      batch_size=batch_size, samples=samples, eot=eot, attack_samples=attack_samples,
                      eps=parse_number(eps) if eps is not None else None,
                      alpha=parse_number(alpha) if alpha is not None else None, restarts=restarts, sigma=sigma, rate=rate,
-                     rt=rt, tta=tta, source=source, quantize=quantize, seed=seed, bf16=bf16, device=device, data=data,
+                     rt=rt, tta=tta, mirror=mirror, source=source, quantize=quantize, seed=seed, bf16=bf16, device=device, data=data,
                      sanity=sanity, eps_sweep=parse_eps_list(eps_sweep), sweep_attack=sweep_attack,
                      sanity_queries=sanity_queries, grid=grid, graph=graph)
     if preset is not None:
@@ -298,11 +299,13 @@ def pack(
     half: bool = typer.Option(True, help="Store weights as float16 (half the size; loaded back as float32)."),
     tta: Optional[str] = typer.Option(None, help="Set the classifier's test-time augmentation in the packed card: none, flip, flip-translate (default: keep)."),
     samples: Optional[int] = typer.Option(None, help="Set the recommended purification samples K (card pipeline.samples: the default of load_pipeline, atop eval and the service)."),
+    mirror: Optional[bool] = typer.Option(None, "--mirror/--no-mirror", help="Feed the odd-numbered purification samples the mirrored image (card pipeline.mirror: flip TTA inside K at no extra cost; default: keep).", show_default=False),
+    rate: Optional[float] = typer.Option(None, help="Set the random transform's mask rate at serving time (card purifier.rt.rate, in [0, 1); default: keep)."),
 ):
     """Copy a model folder for shipping: card and weights only, optionally float16 weights."""
     from export.pack import pack as pack_folder
 
-    card = pack_folder(model, out, half=half, tta=tta, samples=samples)
+    card = pack_folder(model, out, half=half, tta=tta, samples=samples, mirror=mirror, rate=rate)
     sizes = {p.name: p.stat().st_size for p in Path(out).iterdir()}
     typer.echo(json.dumps({"out": str(out), "files": sizes, "classes": len(card["classes"])}, indent=1))
 

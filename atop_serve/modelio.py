@@ -128,20 +128,32 @@ def default_samples(card: dict) -> int:
     return k
 
 
-def load_pipeline(path=None, samples: int | None = None, tta: str | None = None):
+def mirrored(card: dict) -> bool:
+    """Whether a model folder's odd-numbered purification samples see the mirrored image (``pipeline.mirror``)."""
+    m = (card.get("pipeline") or {}).get("mirror", False)
+    if not isinstance(m, bool):
+        raise ModelError(f"model card: pipeline.mirror must be true or false, got {m!r}")
+    return m
+
+
+def load_pipeline(path=None, samples: int | None = None, tta: str | None = None, mirror: bool | None = None):
     """The purified classifier f(g(RT(x))) of a model folder (default: the shipped one), in eval mode, averaging
-    ``samples`` purifications per prediction (default: the K the folder's card recommends)."""
+    ``samples`` purifications per prediction (default: the K the folder's card recommends), the odd-numbered of
+    them on the mirrored image where ``mirror`` (default: the card's ``pipeline.mirror``) says so."""
     from .pipeline import PurifiedClassifier
 
+    card = read_card(resolve(path))
     if samples is None:
-        samples = default_samples(read_card(resolve(path)))
+        samples = default_samples(card)
+    if mirror is None:
+        mirror = mirrored(card)
     purifier, rt = load_purifier(path)
     for p in purifier.parameters():
         p.requires_grad_(False)
     classifier = load_classifier(path, tta)
     for p in classifier.parameters():
         p.requires_grad_(False)
-    return PurifiedClassifier(purifier, classifier, rt, samples).eval()
+    return PurifiedClassifier(purifier, classifier, rt, samples, mirror).eval()
 
 
 def check_external_data(folder, card: dict, graph: str) -> None:

@@ -42,12 +42,24 @@ class PurifiedClassifier(nn.Module):
     (N, K, V), see ``RTConfig``). ``samples=K`` averages K independent purifications: ``forward``
     returns the mean of their logits, ``run`` also returns the mean of their class probabilities (the
     prediction the service reports).
+    ``mirror=True`` feeds the odd-numbered samples (k = 1, 3, ...) the horizontally mirrored image: flip
+    test-time augmentation folded into the K purifications, at no extra cost (K = 1 is unchanged).
     Differentiable end to end, so any PyTorch attack can target it.
     """
 
-    def __init__(self, purifier: nn.Module, classifier: nn.Module, transform: RTConfig, samples: int = 1):
+    def __init__(self, purifier: nn.Module, classifier: nn.Module, transform: RTConfig, samples: int = 1,
+                 mirror: bool = False):
         super().__init__()
         self.purifier, self.classifier, self.transform, self.samples = purifier, classifier, transform, samples
+        self.mirror = mirror
+
+    def views(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """x (N, 3, H, W) -> the K samples' input images (N*K, 3, H, W), sample-major within each image."""
+        xs = x.unsqueeze(1).expand(x.size(0), k, *x.shape[1:])
+        if self.mirror:
+            odd = (torch.arange(k, device=x.device) % 2 == 1).view(1, k, 1, 1, 1)
+            xs = torch.where(odd, xs.flip(-1), xs)
+        return xs.reshape(-1, *x.shape[1:])
 
     def purify(self, x: torch.Tensor, inputs: RTInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, 3, H, W) with flat draws (leading dims (B, V)) -> (purified, transformed, mask)."""
@@ -57,8 +69,7 @@ class PurifiedClassifier(nn.Module):
     def run(self, x: torch.Tensor, rt_inputs: RTInputs) -> dict[str, torch.Tensor]:
         """Everything the service shows: logits, probabilities, and the first sample's images."""
         n, k = x.size(0), rt_inputs.u_mask.size(1)
-        xs = x.unsqueeze(1).expand(n, k, *x.shape[1:]).reshape(n * k, *x.shape[1:])
-        purified, x_t, mask = self.purify(xs, rt_inputs.flat())
+        purified, x_t, mask = self.purify(self.views(x, k), rt_inputs.flat())
         logits = self.classifier(purified).view(n, k, -1)
         # Branch-free in K, so one exported graph serves every K: the prediction is the argmax of the mean
         # class probabilities; "logits" is the mean of the K samples' logits (exactly the logits for K = 1).

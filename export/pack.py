@@ -15,11 +15,15 @@ from safetensors.torch import load_file, save_file
 from atop_serve import modelio
 
 
-def pack(src, out: Path, half: bool = True, tta: str | None = None, samples: int | None = None) -> dict:
+def pack(src, out: Path, half: bool = True, tta: str | None = None, samples: int | None = None,
+         mirror: bool | None = None, rate: float | None = None) -> dict:
     """Write ``out`` from the model folder ``src``; ``tta`` (none, flip, flip-translate) replaces the classifier's
     test-time augmentation in the card, ``samples`` the recommended purification samples K (``pipeline.samples``:
-    what ``load_pipeline`` and the service use by default). Both change the served function: measure the packed
-    folder."""
+    what ``load_pipeline`` and the service use by default), ``mirror`` whether the odd-numbered samples see the
+    mirrored image (``pipeline.mirror``), ``rate`` the random transform's mask rate at serving time
+    (``purifier.rt.rate``; the training's own rate stays in the purifier's training config). Each changes the
+    served function: measure the packed folder."""
+    from atop_serve.config import RTConfig
     from atop_serve.errors import AtopError
     from atop_serve.pipeline import TTA_MODES
 
@@ -31,10 +35,18 @@ def pack(src, out: Path, half: bool = True, tta: str | None = None, samples: int
     card = modelio.read_card(src)
     if tta is not None:
         card["classifier"]["tta"] = tta
-    if samples is not None:
+    if rate is not None:
         if "purifier" not in card:
-            raise AtopError(f"--samples: {src} holds no purifier")
-        card["pipeline"] = {**(card.get("pipeline") or {}), "samples": samples}
+            raise AtopError(f"--rate: {src} holds no purifier")
+        try:
+            card["purifier"]["rt"] = RTConfig.from_dict({**card["purifier"]["rt"], "rate": rate}).to_dict()
+        except ValueError as e:
+            raise AtopError(f"--rate: {e}") from None
+    for name, value in (("samples", samples), ("mirror", mirror)):
+        if value is not None:
+            if "purifier" not in card:
+                raise AtopError(f"--{name}: {src} holds no purifier")
+            card["pipeline"] = {**(card.get("pipeline") or {}), name: value}
     modelio.load_pipeline(src) if "purifier" in card else modelio.load_classifier(src)  # validate before writing
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

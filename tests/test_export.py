@@ -33,6 +33,7 @@ def _scaled_model_folder(path: Path) -> Path:
     state["head.weight"] = state["head.weight"] * HEAD_SCALE
     save_file(state, str(f))
     card = modelio.read_card(folder)
+    card["pipeline"] = {"mirror": True}  # as shipped: the round trip at K = 3 checks the mirrored samples
     card["classifier"]["sha256"] = modelio.sha256(f)
     card["classifier"]["metrics"] = {"test_acc_tta_flip": 0.1, "measured_on": "random weights"}
     modelio.write_card(folder, card)
@@ -396,14 +397,18 @@ def test_pack_half_weights_and_tta_override(tmp_path):
     from export.pack import pack
 
     src = make_model_folder(tmp_path / "src", tta="flip-translate")
-    card = pack(src, tmp_path / "packed", half=True, tta="none", samples=3)
+    card = pack(src, tmp_path / "packed", half=True, tta="none", samples=3, mirror=True, rate=0.1)
     assert card["classifier"]["tta"] == "none" and card["classifier"]["weights_dtype"] == "float16"
     pipe = modelio.load_pipeline(tmp_path / "packed")
     assert pipe.classifier.mode == "none" and pipe.samples == 3 and modelio.load_pipeline(src).samples == 1
+    assert pipe.mirror and not modelio.load_pipeline(src).mirror
+    assert pipe.transform.rate == 0.1 and modelio.load_pipeline(src).transform.rate == 0.25
     assert modelio.load_pipeline(tmp_path / "packed", samples=2).samples == 2
     assert modelio.read_card(src)["classifier"]["tta"] == "flip-translate"  # the source is untouched
     with pytest.raises(AtopError, match="unknown --tta"):
         pack(src, tmp_path / "bad", tta="rotate")
+    with pytest.raises(AtopError, match="--rate: rate must be in"):
+        pack(src, tmp_path / "bad", rate=1.5)
     assert not (tmp_path / "bad").exists()
 
 

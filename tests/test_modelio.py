@@ -35,6 +35,46 @@ def test_samples_average(random_model_dir):
     assert pipe(x).shape == (2, 10)
 
 
+def test_mirror_feeds_odd_samples_the_mirrored_image():
+    """mirror=True: sample k sees x for even k and x mirrored for odd k, each with its own draws; K = 1 is
+    unchanged. A pass-through purifier and a position-sensitive linear classifier make every view visible."""
+    from atop_serve.config import RTConfig
+    from atop_serve.pipeline import PurifiedClassifier
+    from atop_serve.transforms import RTInputs
+
+    class PassThrough(torch.nn.Module):
+        def forward(self, x_t, mask):
+            return x_t
+
+    torch.manual_seed(0)
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    rt = RTConfig()
+    plain = PurifiedClassifier(PassThrough(), clf, rt)
+    mirrored = PurifiedClassifier(PassThrough(), clf, rt, mirror=True)
+    x = torch.rand(2, 3, 32, 32)
+    d = draw_rt_inputs(rt, 2, 3, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one = lambda img, k: plain.run(img, RTInputs(*(t[:, k : k + 1] for t in d)))["logits"]  # noqa: E731
+        expected = (one(x, 0) + one(x.flip(-1), 1) + one(x, 2)) / 3
+        assert torch.allclose(mirrored.run(x, d)["logits"], expected, atol=1e-5)
+        assert not torch.allclose(plain.run(x, d)["logits"], expected, atol=1e-3)
+        d1 = RTInputs(*(t[:, :1] for t in d))
+        assert torch.equal(mirrored.run(x, d1)["logits"], plain.run(x, d1)["logits"])
+        assert torch.equal(mirrored.run(x, d)["purified"], plain.run(x, d)["purified"])  # sample 0: not mirrored
+
+
+def test_card_mirror_is_read_and_checked(random_model_dir, tmp_path):
+    d = _copy(random_model_dir, tmp_path / "m")
+    card = modelio.read_card(d)
+    card["pipeline"] = {"samples": 2, "mirror": True}
+    modelio.write_card(d, card)
+    assert load_pipeline(d).mirror and not load_pipeline(d, mirror=False).mirror
+    card["pipeline"]["mirror"] = "yes"
+    modelio.write_card(d, card)
+    with pytest.raises(ModelError, match="pipeline.mirror must be true or false"):
+        load_pipeline(d)
+
+
 def test_pipeline_is_differentiable(random_model_dir):
     pipe = load_pipeline(random_model_dir)
     x = torch.rand(2, 3, 32, 32, requires_grad=True)

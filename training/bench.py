@@ -301,7 +301,8 @@ def load_model(folder: Path) -> Model:
 
         torch.manual_seed(0)
         clf = TTAClassifier(create_classifier(card["classifier"]["arch"], num_classes=len(card["classes"])), tta)
-        pipeline = PurifiedClassifier(create_purifier(card["purifier"]["arch"]), clf, rt).eval()
+        pipeline = PurifiedClassifier(create_purifier(card["purifier"]["arch"]), clf, rt,
+                                      mirror=modelio.mirrored(card)).eval()
         weights = ("random weights of the card's architectures: the folder holds no weights (PyTorch backends, the "
                    "bare-classifier graphs and FLOP counts need only the architecture; speed does not depend on "
                    "weight values)")

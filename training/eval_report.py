@@ -34,7 +34,9 @@ def markdown(report: dict, images: list[str]) -> str:
         lines.append(f"- random transform: {rt['kind']} (rate {rt['rate']}, sigma {rt['sigma']}, views {rt['views']})")
     cfg = report["config"]
     lines += [f"- n = {report['n']} class-balanced test images, seed {report['seed']}, batch {cfg['batch_size']}, "
-              f"K = {report.get('samples') or cfg['samples']} purification(s) per prediction, TTA {report.get('tta')}",
+              f"K = {report.get('samples') or cfg['samples']} purification(s) per prediction"
+              + (", the odd-numbered ones on the mirrored image" if report.get("mirror") else "")
+              + f", TTA {report.get('tta')}",
               f"- machine: {m['device']} (torch {m['torch']}); wall time {report['wall_seconds']} s "
               f"(attacks computed this run or earlier: {report['compute_seconds']} s)",
               f"- command: `{report['command']}`", "",

@@ -261,6 +261,7 @@ class EvalConfig:
     rate: float | None = None  # override the model's RT mask rate (share of blocks missing)
     rt: str | None = None  # override the RT kind
     tta: str | None = None  # override the classifier's TTA
+    mirror: bool | None = None  # override the card's pipeline.mirror
     source: str | None = None  # transfer threat: model folder whose classifier crafts the examples
     quantize: bool = False  # round adversarial images to 8 bits (BPDA through the rounding)
     seed: int = 0
@@ -324,7 +325,7 @@ def load_models(folder, cfg: EvalConfig) -> Models:
     classifier = modelio.load_classifier(folder, cfg.tta)
     pipeline = None
     if cfg.threat != "bare":
-        pipeline = modelio.load_pipeline(folder, samples=cfg.samples, tta=cfg.tta)
+        pipeline = modelio.load_pipeline(folder, samples=cfg.samples, tta=cfg.tta, mirror=cfg.mirror)
         if cfg.sigma is not None or cfg.rt is not None or cfg.rate is not None:
             d = pipeline.transform.to_dict()
             kind = cfg.rt or d["kind"]
@@ -354,8 +355,9 @@ def load_models(folder, cfg: EvalConfig) -> Models:
         if not path.exists():
             raise AtopError(f"--graph {cfg.graph}: {path} does not exist (make it with `atop export`"
                             + (" --variants int8)" if cfg.graph == "opt" else ")"))
-        if cfg.sigma is not None or cfg.rt is not None or cfg.rate is not None or cfg.tta is not None:
-            raise AtopError("--graph scores the exported graph as built: --sigma, --rate, --rt and --tta cannot change it")
+        if any(v is not None for v in (cfg.sigma, cfg.rt, cfg.rate, cfg.tta, cfg.mirror)):
+            raise AtopError("--graph scores the exported graph as built: --sigma, --rate, --rt, --tta and --mirror "
+                            "cannot change it")
         served = GraphScorer(path, torch.get_num_threads())
         fp["graph"] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     return Models(classifier, pipeline, source, str(folder), fp, served)
@@ -616,6 +618,7 @@ def run_eval(models: Models, test: Dataset, cfg: EvalConfig, out: Path | None = 
         "n": len(test), "seed": cfg.seed, "config": asdict(cfg), "rt": rt,
         "tta": getattr(models.classifier, "mode", None), "attacks": keys,
         "samples": models.pipeline.samples if models.pipeline is not None else None,
+        "mirror": models.pipeline.mirror if models.pipeline is not None else None,
         "results": results, "sanity": checks, "sanity_plan": plan,
         "wall_seconds": round(time.perf_counter() - t_start, 2),
         "compute_seconds": round(sum(r["seconds"] for r in results.values()), 2),
