@@ -31,12 +31,13 @@ def sweep_rt(folder, param: str, values: list[float], cfg: EvalConfig, out: Path
                        adv_cache=adv_cache)
         rows.append({param: v, **{k: {"accuracy": r["accuracy"], "ci95": r["ci95"]} for k, r in rep["results"].items()}})
     result = {"model": str(folder), "param": param, "threat": cfg.threat, "n": cfg.n, "attacks": list(cfg.attacks),
-              "samples": rep["samples"], "rows": rows, "command": common.command_line(), "machine": common.hardware(),
+              "samples": rep["samples"], "mirror": rep.get("mirror"), "rows": rows, "command": common.command_line(), "machine": common.hardware(),
               "git_commit": common.git_commit()}
     (out / "sweep.json").write_text(json.dumps(result, indent=1))
     keys = list(cfg.attacks)
-    lines = [f"{param.capitalize()} sweep of `{folder}`, threat `{cfg.threat}`, n = {cfg.n}, K = {rep['samples']} "
-             "(95 % Wilson intervals in sweep.json).",
+    lines = [f"{param.capitalize()} sweep of `{folder}`, threat `{cfg.threat}`, n = {cfg.n}, K = {rep['samples']}"
+             + (" (the odd-numbered samples on the mirrored image)" if rep.get("mirror") else "")
+             + " (95 % Wilson intervals in sweep.json).",
              "", f"| {param} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for r in rows:
         lines.append(f"| {r[param]:g} | " + " | ".join(f"{100 * r[k]['accuracy']:.1f}" for k in keys) + " |")
