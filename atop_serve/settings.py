@@ -18,6 +18,10 @@
     ATOP_ORT_THREADS         ONNX Runtime intra-op threads per worker (0, the default: usable cores / workers, >= 1)
     ATOP_ACCESS_LOG          1 (default) logs one line per request (BentoML's access log); 0 turns it off (/metrics
                              still counts requests, and rejected requests are still logged)
+    ATOP_TRACING             auto (default): BentoML's OpenTelemetry tracing runs only where BentoML's own configuration
+                             sets tracing up (BENTOML_CONFIG_OPTIONS, or the file BENTOML_CONFIG names, mentions
+                             ``tracing``); otherwise requests skip its middleware, which then exports nothing and
+                             costs a quarter of the throughput (docs/service.md); on: always; off: never
     ATOP_ATTACK_SECONDS      the attack demo (POST /attack_demo): time limit of one attack, seconds (0 < s <= 30)
     ATOP_ATTACK_QUERIES      the attack demo: most queries (classifier calls) of one attack
     ATOP_GRAPH               which exported graph runs: auto (default: pipeline.opt.onnx, the faster CPU variant, when
@@ -38,6 +42,7 @@ from .errors import AtopError, ModelError
 from .imageio import DEFAULT_MAX_PIXELS
 
 GRAPH_CHOICES = ("auto", "fp32", "opt")
+TRACING_CHOICES = ("auto", "on", "off")
 MAX_ATTACK_SECONDS = 30.0  # one attack holds a CPU core for this long at most
 MAX_AUTO_WORKERS = 4  # automatic workers: each holds a copy of the model and forms its own batches
 _TAG = re.compile(r"^[a-z0-9][a-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -57,6 +62,7 @@ class Settings:
     workers: int = 0                         # serving processes; 0: one per usable core, at most MAX_AUTO_WORKERS
     ort_threads: int = 0                     # ONNX Runtime threads per worker; 0: usable cores / workers
     access_log: bool = True                  # BentoML's per-request log line
+    tracing: str = "auto"                    # BentoML's OpenTelemetry middleware: auto (where configured), on, off
     providers: tuple[str, ...] = ()          # () = automatic (CUDA if present, then CPU)
     graph: str = "auto"                      # auto: the card's faster CPU variant on CPU, else fp32; fp32; opt
     attack_seconds: float = 5.0              # attack demo: time limit of one attack, s
@@ -98,6 +104,8 @@ class Settings:
             raise AtopError(f"ATOP_DEFAULT_SAMPLES must be in 0..ATOP_MAX_SAMPLES ({s.max_samples}), got {s.default_samples}")
         if s.graph not in GRAPH_CHOICES:
             raise AtopError(f"ATOP_GRAPH={s.graph!r}: valid: {', '.join(GRAPH_CHOICES)}")
+        if s.tracing not in TRACING_CHOICES:
+            raise AtopError(f"ATOP_TRACING={s.tracing!r}: valid: {', '.join(TRACING_CHOICES)}")
         if s.workers < 0 or s.ort_threads < 0:
             raise AtopError("ATOP_WORKERS and ATOP_ORT_THREADS must be >= 0 (0: automatic)")
         return s
@@ -109,6 +117,30 @@ class Settings:
     def threads_per_worker(self) -> int:
         """ONNX Runtime intra-op threads of each worker: ATOP_ORT_THREADS, or the usable cores shared out."""
         return self.ort_threads or max(1, usable_cores() // self.serving_workers())
+
+
+    def tracing_enabled(self, env=None) -> bool:
+        """Whether requests pass through BentoML's OpenTelemetry middleware: ATOP_TRACING on/off, or (auto) whether
+        BentoML's configuration sets tracing up. Unconfigured, BentoML samples no trace and exports nothing, yet its
+        middleware still makes spans for every request and every message of it."""
+        if self.tracing != "auto":
+            return self.tracing == "on"
+        return bentoml_tracing_configured(env)
+
+
+def bentoml_tracing_configured(env=None) -> bool:
+    """Whether BentoML's own configuration mentions tracing: BENTOML_CONFIG_OPTIONS, or the YAML file BENTOML_CONFIG
+    names (an unreadable file counts as configured: BentoML reports it, this does not second-guess it)."""
+    env = os.environ if env is None else env
+    if "tracing" in env.get("BENTOML_CONFIG_OPTIONS", ""):
+        return True
+    path = env.get("BENTOML_CONFIG", "").strip()
+    if not path:
+        return False
+    try:
+        return "tracing" in Path(path).read_text(errors="replace")
+    except OSError:
+        return True
 
 
 def usable_cores() -> int:

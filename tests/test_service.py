@@ -266,10 +266,18 @@ def test_server_never_crashed(server):
     assert log.count("Service atop initialized") == 2 and "2 worker(s) x 1 thread(s)" in log  # ATOP_WORKERS=2
 
 
+def test_requests_skip_unconfigured_tracing(server):
+    """BentoML's tracing is not configured here, so requests skip its middleware: access log lines carry no trace
+    ids (test_overload_is_503_with_the_reason runs a server with ATOP_TRACING=on, whose lines do)."""
+    lines = [line for line in server.log.read_text().splitlines() if "path=/classify," in line]
+    assert lines and not any("trace=" in line for line in lines), lines[:2]
+
+
 def test_overload_is_503_with_the_reason(det_folder, tmp_path):
     """Rows still queued after ATOP_MAX_LATENCY_MS are not run: 503 with the reason and Retry-After, never a 500;
     the server goes on answering."""
-    env = {**SERVER_ENV, "ATOP_WORKERS": "1", "ATOP_MAX_LATENCY_MS": "1", "ATOP_MAX_BATCH_SIZE": "2"}
+    env = {**SERVER_ENV, "ATOP_WORKERS": "1", "ATOP_MAX_LATENCY_MS": "1", "ATOP_MAX_BATCH_SIZE": "2",
+           "ATOP_TRACING": "on"}
     body = png(np.full((32, 32, 3), 128, np.uint8))
     with serve(det_folder, env, tmp_path) as running:
         def ask(_):
@@ -282,7 +290,10 @@ def test_overload_is_503_with_the_reason(det_folder, tmp_path):
         busy = next(r for r in answers if r.status_code == 503)
         assert "overloaded" in busy.json()["error"] and busy.headers["retry-after"] == "1"
         assert ask(0).status_code in (200, 503) and httpx.get(running.url + "/readyz").status_code == 200
-        assert "Traceback" not in running.log.read_text()
+        log = running.log.read_text()
+        assert "Traceback" not in log
+        # ATOP_TRACING=on: requests pass through BentoML's tracing middleware (unsampled here: ids, no export)
+        assert all("trace=" in line for line in log.splitlines() if "path=/classify," in line)
 
 
 # ------------------------------------------------------------------------------------------ in process: engine
@@ -395,6 +406,23 @@ def test_settings_from_env():
                 {"ATOP_DEFAULT_SAMPLES": "9"}, {"ATOP_DEFAULT_SAMPLES": "-1"}, {"ATOP_WORKERS": "-1"}):
         with pytest.raises(AtopError, match="ATOP_"):
             Settings.from_env(bad)
+
+
+def test_tracing_setting(tmp_path):
+    assert Settings.from_env({}).tracing == "auto"
+    auto = Settings.from_env({})
+    assert not auto.tracing_enabled({}) and not auto.tracing_enabled({"BENTOML_CONFIG_OPTIONS": "api_server.workers=2"})
+    assert auto.tracing_enabled({"BENTOML_CONFIG_OPTIONS": "tracing.exporter_type=otlp tracing.sample_rate=1.0"})
+    plain, traced = tmp_path / "plain.yaml", tmp_path / "traced.yaml"
+    plain.write_text("version: 2\nservices:\n  atop:\n    workers: 2\n")
+    traced.write_text("version: 2\nservices:\n  atop:\n    tracing:\n      exporter_type: zipkin\n")
+    assert not auto.tracing_enabled({"BENTOML_CONFIG": str(plain)})
+    assert auto.tracing_enabled({"BENTOML_CONFIG": str(traced)})
+    assert auto.tracing_enabled({"BENTOML_CONFIG": str(tmp_path / "missing.yaml")})  # BentoML reports that one
+    assert Settings.from_env({"ATOP_TRACING": "on"}).tracing_enabled({})
+    assert not Settings.from_env({"ATOP_TRACING": "off"}).tracing_enabled({"BENTOML_CONFIG": str(traced)})
+    with pytest.raises(AtopError, match="ATOP_TRACING='sometimes': valid: auto, on, off"):
+        Settings.from_env({"ATOP_TRACING": "sometimes"})
 
 
 def test_model_spec_tag_or_folder(tmp_path):
