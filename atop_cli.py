@@ -129,6 +129,7 @@ def train_atop(
     attack_target: str = typer.Option("classifier", help="classifier (the paper's code) or pipeline (through g with fresh RT)."),
     clean_fraction: float = typer.Option(0.5, help="Share of each batch left clean (variant a); the rest adversarial (b)."),
     gan_weight: float = typer.Option(0.01, help="Weight of the hinge GAN loss relative to L1."),
+    cls_target: str = typer.Option("label", help="Target of the classification loss: label (CE to y, the paper's) or clean (soft CE to f's prediction on the clean image: keep what f says on x)."),
     teacher: str = typer.Option("", help="Distil: this model folder's purifier output on the same RT(x') is the L1 target (with --arch of another shape: a fresh student)."),
     limit: int = LimitOpt,
     eval_n: int = typer.Option(1000, help="Balanced test images for the final clean-accuracy check."),
@@ -148,7 +149,7 @@ def train_atop(
     _purifier_cmd("atop", out, model, classifier_source=classifier, arch=arch, rt=rt_cfg["kind"], sigma=rt_cfg["sigma"] if sigma is None else sigma,
                   rate=rt_cfg["rate"], block=rt_cfg["block"], views=rt_cfg["views"], epochs=epochs, batch_size=batch_size,
                   lr=lr, lam=lam, warmup_epochs=warmup_epochs, attack=attack, attack_target=attack_target,
-                  clean_fraction=clean_fraction, gan_weight=gan_weight, teacher=teacher, limit=limit, eval_n=eval_n, seed=seed, bf16=bf16,
+                  clean_fraction=clean_fraction, gan_weight=gan_weight, cls_target=cls_target, teacher=teacher, limit=limit, eval_n=eval_n, seed=seed, bf16=bf16,
                   device=device, data=data, resume=resume, progress=progress)
 
 

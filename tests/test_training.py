@@ -111,6 +111,36 @@ def test_atop_step_changes_only_the_purifier(tmp_path):
     assert pur["atop_earlier"] == [card["purifier"]["atop"]] and pur["atop"]["config"]["lam"] == 0.5
 
 
+def test_classification_loss_targets():
+    from training.purifier import classification_loss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 10), torch.tensor([0, 3, 9, 2, 2, 5])
+    one_hot = torch.nn.functional.one_hot(y, 10).float()
+    assert torch.allclose(classification_loss(logits, y, one_hot), torch.nn.functional.cross_entropy(logits, y))
+    soft = torch.softmax(torch.randn(6, 10), 1)
+    expected = -(soft * torch.log_softmax(logits, 1)).sum(1).mean()
+    assert torch.allclose(classification_loss(logits, y, soft), expected)
+    assert not torch.allclose(classification_loss(logits, y, soft), classification_loss(logits, y))
+    # minimised where f(g(.)) predicts what f predicted on the clean image, not the label
+    assert classification_loss(soft.log(), y, soft) < classification_loss(soft.log() + 0.5 * one_hot, y, soft)
+
+
+def test_atop_soft_target_trains_and_is_recorded(tmp_path):
+    from atop_serve.errors import AtopError
+    from training.purifier import PurifierConfig, train
+
+    src = make_model_folder(tmp_path / "src")
+    cfg = PurifierConfig(mode="atop", epochs=1, limit=100, batch_size=50, eval_n=20, data=str(DATA_ROOT), lam=1.0,
+                         cls_target="clean")
+    r = train(cfg, tmp_path / "out", src, show_progress=False)
+    assert r["classifier_unchanged"] and r["history"][0]["cls"] > 0
+    assert modelio.read_card(tmp_path / "out")["purifier"]["atop"]["config"]["cls_target"] == "clean"
+    with pytest.raises(AtopError, match="--cls-target"):
+        train(PurifierConfig(mode="atop", cls_target="logits", data=str(DATA_ROOT)), tmp_path / "bad", src,
+              show_progress=False)
+
+
 def test_atop_fine_tunes_into_a_same_shaped_architecture(tmp_path):
     """--arch gated-unet-lrelu starts from the source's gated-unet weights; a differently shaped one is refused."""
     from atop_serve.errors import AtopError

@@ -13,7 +13,9 @@ optimiser, it stays in eval mode, and its weights are checked bit-identical at t
 
     L = l_g(x') + lambda * CE(f(g(RT(x'))), y)
 
-on a batch mixing clean images (variant a) and adversarial images x' (variant b) made per batch by FGSM
+(``--cls-target clean`` replaces the label y by f's own prediction on the clean image x, a soft target:
+``-sum softmax(f(x)) * log_softmax(f(g(RT(x'))))``, so that g learns to keep what the bare classifier says on the
+clean image rather than to fix its mistakes) on a batch mixing clean images (variant a) and adversarial images x' (variant b) made per batch by FGSM
 (with random start) or PGD-k, l_inf 8/255, against the classifier alone (``--attack-target classifier``, as
 the paper's code does) or through the whole pipeline with fresh RT draws at every step
 (``--attack-target pipeline``). lambda is 0 for the first ``--warmup-epochs`` epochs.
@@ -74,6 +76,8 @@ class PurifierConfig:
     attack_target: str = "classifier"  # classifier | pipeline
     eps: float = 8 / 255
     clean_fraction: float = 0.5  # share of each batch kept clean (variant a); the rest is adversarial
+    cls_target: str = "label"  # atop: the classification loss's target: label (CE to y) or clean (f's soft
+    #                            prediction on the clean image)
     teacher: str = ""  # atop: a model folder whose purifier's output on the same RT(x') is the L1 target (distillation)
     seed: int = 0
     bf16: bool | None = None  # None: where it is faster (common.fast_bf16)
@@ -135,6 +139,17 @@ def make_adversarial(cfg: PurifierConfig, f, pipeline, x, y, gen) -> torch.Tenso
     return PGD(target, eps=cfg.eps, alpha=alpha, steps=steps, random_start=True, generator=gen)(x, y)
 
 
+CLS_TARGETS = ("label", "clean")
+
+
+def classification_loss(logits: torch.Tensor, y: torch.Tensor, clean_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """The AToP classification term: CE to the labels ``y``, or (``clean_probs`` given) the soft cross-entropy
+    to those class probabilities (f's prediction on the clean image)."""
+    if clean_probs is None:
+        return F.cross_entropy(logits, y)
+    return -(clean_probs * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
 def carry_weights(g: torch.nn.Module, arch: str) -> torch.nn.Module:
     """A purifier of architecture ``arch`` holding ``g``'s weights: for fine-tuning into a variant with the same
     parameters and a different computation (e.g. ``gated-unet`` -> ``gated-unet-lrelu``)."""
@@ -153,6 +168,8 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
     ``classifier_source`` (atop): take the classifier from this folder instead."""
     if cfg.mode not in ("pretrain", "atop"):
         raise AtopError(f"unknown mode {cfg.mode!r}")
+    if cfg.cls_target not in CLS_TARGETS:
+        raise AtopError(f"unknown --cls-target {cfg.cls_target!r}; use {' or '.join(CLS_TARGETS)}")
     if cfg.attack_target not in ("classifier", "pipeline"):
         raise AtopError(f"unknown --attack-target {cfg.attack_target!r}; use classifier or pipeline")
     rtm = common.setup_runtime(cfg.device)
@@ -265,18 +282,22 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
                         target = teacher(x_t, mask).float()
                 else:
                     target = x
+                clean_probs = None
+                if cfg.mode == "atop" and cfg.cls_target == "clean":
+                    with torch.no_grad():
+                        clean_probs = F.softmax(f(x).float(), dim=1)
                 l1 = (out_img.float() - target).abs().mean()
                 gan_g = -d_ddp(out_img, mask).float().mean()
                 loss = l1 + cfg.gan_weight * gan_g
                 logits = None
                 if lam > 0:
                     logits = f(out_img).float()
-                    cls = F.cross_entropy(logits, y)
+                    cls = classification_loss(logits, y, clean_probs)
                     loss = loss + lam * cls
                 elif cfg.mode == "atop":  # monitored only (warm-up, or lambda 0): no backward through f
                     with torch.no_grad():
                         logits = f(out_img.detach()).float()
-                        cls = F.cross_entropy(logits, y)
+                        cls = classification_loss(logits, y, clean_probs)
             opt_g.zero_grad(set_to_none=True)
             loss.backward()
             opt_g.step()
