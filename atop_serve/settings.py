@@ -20,8 +20,8 @@
                              still counts requests, and rejected requests are still logged)
     ATOP_TRACING             auto (default): BentoML's OpenTelemetry tracing runs only where BentoML's own configuration
                              sets tracing up (BENTOML_CONFIG_OPTIONS, or the file BENTOML_CONFIG names, mentions
-                             ``tracing``); otherwise requests skip its middleware, which then exports nothing and
-                             costs a quarter of the throughput (docs/service.md); on: always; off: never
+                             ``tracing``); otherwise requests skip its middleware, which then exports nothing yet costs
+                             about a sixth of the CPU per request (docs/service.md); on: always; off: never
     ATOP_ATTACK_SECONDS      the attack demo (POST /attack_demo): time limit of one attack, seconds (0 < s <= 30)
     ATOP_ATTACK_QUERIES      the attack demo: most queries (classifier calls) of one attack
     ATOP_GRAPH               which exported graph runs: auto (default: pipeline.opt.onnx, the faster CPU variant, when
@@ -117,7 +117,6 @@ class Settings:
     def threads_per_worker(self) -> int:
         """ONNX Runtime intra-op threads of each worker: ATOP_ORT_THREADS, or the usable cores shared out."""
         return self.ort_threads or max(1, usable_cores() // self.serving_workers())
-
 
     def tracing_enabled(self, env=None) -> bool:
         """Whether requests pass through BentoML's OpenTelemetry middleware: ATOP_TRACING on/off, or (auto) whether
