@@ -13,12 +13,13 @@ optimiser, it stays in eval mode, and its weights are checked bit-identical at t
 
     L = l_g(x') + lambda * CE(f(g(RT(x'))), y)
 
-(``--cls-target clean`` replaces the label y by f's own prediction on the clean image x, a soft target:
-``-sum softmax(f(x)) * log_softmax(f(g(RT(x'))))``, so that g learns to keep what the bare classifier says on the
-clean image rather than to fix its mistakes) on a batch mixing clean images (variant a) and adversarial images x' (variant b) made per batch by FGSM
+on a batch mixing clean images (variant a) and adversarial images x' (variant b) made per batch by FGSM
 (with random start) or PGD-k, l_inf 8/255, against the classifier alone (``--attack-target classifier``, as
 the paper's code does) or through the whole pipeline with fresh RT draws at every step
-(``--attack-target pipeline``). lambda is 0 for the first ``--warmup-epochs`` epochs.
+(``--attack-target pipeline``). lambda is 0 for the first ``--warmup-epochs`` epochs. ``--cls-target clean``
+replaces the label y by f's own prediction on the clean image x, a soft target,
+``-sum softmax(f(x)) * log_softmax(f(g(RT(x'))))``: g learns to keep what the bare classifier says on the clean image
+rather than to fix its mistakes.
 
 Distillation into a new architecture (``--teacher FOLDER --arch NAME``): the L1 target becomes the teacher
 purifier's output on the same transformed input (same x', same RT draws) instead of the clean image, so a
