@@ -58,7 +58,7 @@ class Settings:
     max_request_bytes: int = 10 * 1024 * 1024  # request body, bytes
     max_pixels: int = DEFAULT_MAX_PIXELS     # decoded image, width x height
     max_batch_size: int = 128                # rows (image x sample) per model call (docs/benchmarks.md)
-    max_latency_ms: int = 2000               # batching queue deadline, ms (503 beyond; docs/benchmarks.md)
+    max_latency_ms: int = 2100               # batching queue deadline, ms (503 beyond; docs/benchmarks.md)
     workers: int = 0                         # serving processes; 0: one per usable core, at most MAX_AUTO_WORKERS
     ort_threads: int = 0                     # ONNX Runtime threads per worker; 0: usable cores / workers
     access_log: bool = True                  # BentoML's per-request log line

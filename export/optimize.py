@@ -16,6 +16,9 @@ Candidates (each built from the verified fp32 ``pipeline.onnx``):
     layout conversions around it, about a sixth of its time in float (docs/export.md). Its input is the
     noisy transformed image, whose noise (sigma 0.1) dwarfs uint8 steps. (Quantising the output convolution too
     was tried: 20 % faster again, but 0.7 points of robust accuracy lost on 1,000 images, over the tolerance.)
+  - ``int8-full-gate``: ``int8-full-in`` plus the last gated layer's glue (its sigmoid, LeakyReLU and gate product)
+    on uint8; only the output convolution and the sigmoid after it stay fp32 in the purifier. Without it that layer,
+    the widest at 32x32, dequantises its whole pre-gate output (2 x 32 channels) to float and gates there.
 
 bf16 / fp16 are not candidates: ONNX Runtime's CPU provider has no bf16 convolution kernels and its fp16 CPU
 kernels are slower than fp32.
@@ -40,7 +43,7 @@ from atop_serve.config import RTConfig
 
 from .verify import TOLERANCES, VerificationSet, draws, session_logits
 
-CANDIDATES = ("ort-offline", "int8", "int8-full", "int8-full-in")
+CANDIDATES = ("ort-offline", "int8", "int8-full", "int8-full-in", "int8-full-gate")
 
 
 def build_ort_offline(src: Path, dst: Path) -> Path:
@@ -95,10 +98,12 @@ PURIFIER_GLUE = ("LeakyRelu", "Sigmoid", "Mul", "Add", "Resize", "Slice")
 class Int8Recipe:
     glue: tuple[str, ...] = ()  # purifier op types quantised besides the matmul-like nodes
     purifier_input: bool = False  # quantise the purifier's input convolution too
+    purifier_output_glue: bool = False  # quantise the last gated layer's glue too (feeding the fp32 output convolution)
 
 
 INT8_RECIPES = {"int8": Int8Recipe(), "int8-full": Int8Recipe(PURIFIER_GLUE),
-                "int8-full-in": Int8Recipe(PURIFIER_GLUE, purifier_input=True)}
+                "int8-full-in": Int8Recipe(PURIFIER_GLUE, purifier_input=True),
+                "int8-full-gate": Int8Recipe(PURIFIER_GLUE, purifier_input=True, purifier_output_glue=True)}
 
 
 def kept_fp32(path: Path, recipe: Int8Recipe, max_channels: int = 16) -> list[str]:
@@ -180,7 +185,7 @@ def build_int8(src: Path, dst: Path, calib_images: np.ndarray, rt: RTConfig, rec
     chosen = None  # None: every node of the op types below
     if glue:  # the matmul-like nodes everywhere (bar the edge layers), the purifier's inner glue besides
         chosen = ([n for n in nodes_of(src, ("Conv", "MatMul", "Gemm")) if n not in excluded]
-                  + glue_nodes(src, glue, excluded))
+                  + glue_nodes(src, glue, excluded, depth=0 if recipe.purifier_output_glue else 4))
     # with the glue quantised, ranges from the mean of per-batch min/max: the global extremes of sums and
     # activations waste uint8 levels (exploratory, shipped model, K = 4, 1,000 images: global min-max lost 0.6 clean
     # points against fp32, the per-batch mean 0.0)

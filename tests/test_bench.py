@@ -263,3 +263,21 @@ def test_batching_choice_breaks_ties_towards_larger_batches():
     assert got["max_batch_size"] == 16 and got["errors"] == 0
     got = choose_batching([run(16, 300, 400), run(64, 224, 450)], s, rates, k_default=1)
     assert got["max_batch_size"] == 16 and "the most requests/s" in got["why"]
+
+
+def test_overhead_advice_follows_the_measured_variant():
+    """A missed overhead bar gets advice for what the measured graph does not do yet: no 'quantise the gating'
+    for an int8-full variant, both int8 and the gating for an fp32 graph."""
+    from training.bench import suggestions
+
+    def report(precision, variant):
+        rec = {"precision": precision, **({"variant": variant} if variant else {})}
+        return {"bars": [{"bar": "purification overhead at batch 32", "value": 2.3, "detail": "x", "passed": False}],
+                "reference": {"flops": {"purifier": 1.0, "classifier": 1.0, "pipeline": 2.0}, "peaks": {}},
+                "model_level": {"best_cpu": {"backend": "b"}, "backends": {"b": rec}}}
+
+    [int8_full] = suggestions(report("int8 (QDQ)", "int8-full-gate"))
+    assert "int8-full-gate" in int8_full and "gating on uint8" not in int8_full and "int8 for" not in int8_full
+    assert "full-resolution" in int8_full
+    [fp32] = suggestions(report("fp32", None))
+    assert "int8 for the purifier's convolutions" in fp32 and "gating on uint8" in fp32

@@ -449,3 +449,9 @@ def test_int8_full_quantises_the_purifier_glue(model_dir, tmp_path):
             for n in optimize.kept_fp32(src, optimize.INT8_RECIPES["int8-full-in"])}
     assert kept == {"purifier.out", "classifier.classifier.whiten", "classifier.classifier.head"}
     assert ops["int8-full-in"].count("QLinearConv") == ops["int8-full"].count("QLinearConv") + 1
+    # int8-full-gate: the last gated layer's gating on uint8 too; the output convolution and sigmoid stay fp32
+    assert "LeakyRelu" not in ops["int8-full-gate"] and ops["int8-full-gate"].count("QLinearLeakyRelu") == 8
+    assert ops["int8-full-gate"].count("QLinearMul") == ops["int8-full-in"].count("QLinearMul") + 1
+    assert ops["int8-full-gate"].count("QLinearConv") == ops["int8-full-in"].count("QLinearConv")
+    assert optimize.kept_fp32(src, optimize.INT8_RECIPES["int8-full-gate"]) == optimize.kept_fp32(
+        src, optimize.INT8_RECIPES["int8-full-in"])

@@ -402,7 +402,7 @@ def test_serving_needs_no_torch(det_folder, tmp_path):
 # ------------------------------------------------------------------------------------------ in process: settings
 def test_settings_from_env():
     s = Settings.from_env({})
-    assert (s.model, s.allow_seed, s.max_batch_size, s.max_latency_ms) == ("", False, 128, 2000)
+    assert (s.model, s.allow_seed, s.max_batch_size, s.max_latency_ms) == ("", False, 128, 2100)
     assert 1 <= s.serving_workers() <= 4 and s.threads_per_worker() >= 1 and s.access_log
     s = Settings.from_env({"ATOP_WORKERS": "3", "ATOP_ORT_THREADS": "2", "ATOP_ACCESS_LOG": "0"})
     assert (s.serving_workers(), s.threads_per_worker(), s.access_log) == (3, 2, False)

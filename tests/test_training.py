@@ -126,16 +126,30 @@ def test_classification_loss_targets():
     assert classification_loss(soft.log(), y, soft) < classification_loss(soft.log() + 0.5 * one_hot, y, soft)
 
 
+def test_cls_targets_per_kind():
+    from training.purifier import cls_targets
+
+    torch.manual_seed(0)
+    clean_logits, y = torch.randn(6, 10), torch.tensor([0, 3, 9, 2, 2, 5])
+    assert cls_targets("label", clean_logits, y, 3) is None
+    soft = torch.softmax(clean_logits, 1)
+    assert torch.allclose(cls_targets("clean", clean_logits, y, 3), soft)
+    mixed = cls_targets("mixed", clean_logits, y, 4)
+    assert torch.allclose(mixed[:4], soft[:4])  # clean rows: f's prediction on the clean image
+    assert torch.equal(mixed[4:], torch.nn.functional.one_hot(y[4:], 10).float())  # adversarial rows: the label
+    assert torch.equal(cls_targets("mixed", clean_logits, y, 6), cls_targets("clean", clean_logits, y, 6))
+
+
 def test_atop_soft_target_trains_and_is_recorded(tmp_path):
     from atop_serve.errors import AtopError
     from training.purifier import PurifierConfig, train
 
     src = make_model_folder(tmp_path / "src")
     cfg = PurifierConfig(mode="atop", epochs=1, limit=100, batch_size=50, eval_n=20, data=str(DATA_ROOT), lam=1.0,
-                         cls_target="clean")
+                         cls_target="mixed")
     r = train(cfg, tmp_path / "out", src, show_progress=False)
     assert r["classifier_unchanged"] and r["history"][0]["cls"] > 0
-    assert modelio.read_card(tmp_path / "out")["purifier"]["atop"]["config"]["cls_target"] == "clean"
+    assert modelio.read_card(tmp_path / "out")["purifier"]["atop"]["config"]["cls_target"] == "mixed"
     with pytest.raises(AtopError, match="--cls-target"):
         train(PurifierConfig(mode="atop", cls_target="logits", data=str(DATA_ROOT)), tmp_path / "bad", src,
               show_progress=False)

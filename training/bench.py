@@ -481,6 +481,7 @@ class Backend:
     detail: str = ""
     warmup: int = 2
     classifier_note: str = ""
+    variant: str | None = None  # ort-opt: which faster CPU variant pipeline.opt.onnx is (export.cpu_variant)
 
 
 class Context:
@@ -641,7 +642,8 @@ def setup_backend(name: str, ctx: Context) -> Backend:
         detail = (f"ONNX Runtime {ort.__version__} CPU, {pipe_path.name}, service session options, {ctx.threads} threads; "
                   f"bare classifier: {ctx.classifier_source or 'none'}"
                   + (", with the same recipe applied" if variant else ""))
-        return Backend(name, "cpu", precision, peak, _ort_pipeline_call(pipe_session), clf, detail, classifier_note=note)
+        return Backend(name, "cpu", precision, peak, _ort_pipeline_call(pipe_session), clf, detail, classifier_note=note,
+                       variant=variant)
     if not cuda:
         raise Skip("no CUDA GPU on this machine (torch.cuda.is_available() is False)")
     if name in ("ort-cuda-fp32", "ort-trt-fp16"):
@@ -777,7 +779,7 @@ def model_level(ctx: Context, names, preset: Preset, flops: dict, inputs: Inputs
             continue
         ready[name] = b
         backends[name] = {"status": "ok", "device": b.device, "precision": b.precision, "peak": b.peak,
-                          "detail": b.detail, "setup_seconds": round(time.perf_counter() - t, 2), "cells": []}
+                          "detail": b.detail, **({"variant": b.variant} if b.variant else {}), "setup_seconds": round(time.perf_counter() - t, 2), "cells": []}
         if b.classifier_note:
             backends[name]["classifier_note"] = b.classifier_note
     plan = [(batch, part, k) for batch in preset.batch_sizes
@@ -1265,18 +1267,25 @@ def suggestions(report: dict) -> list[str]:
     ovh = bars.get("purification overhead")
     if ovh and ovh["passed"] is False:
         best_name = (ml.get("best_cpu") or {}).get("backend", "")
-        is_int8 = ml["backends"].get(best_name, {}).get("precision", "").startswith("int8")
+        best = ml["backends"].get(best_name, {})
+        is_int8, variant = best.get("precision", "").startswith("int8"), best.get("variant") or ""
+        tries = [] if is_int8 else ["int8 for the purifier's convolutions"]
+        if not variant.startswith("int8-full"):
+            tries.append("the gating on uint8 too (the export's int8-full variants, with a LeakyReLU purifier: ELU has "
+                         "no quantised kernel)")
+        tries += ["a purifier without full-resolution layers (its 32x32 layers have few channels, and its 3-channel "
+                  "output convolution fills a sixteenth of the CPU's 16-channel blocks in fp32 and runs no faster in "
+                  "int8: the `gated-unet-s2d` design of README \"Toward the overhead bar\", retrained or distilled)",
+                  "fewer or narrower dilated layers",
+                  "a larger batch (small batches leave the cores idle between layers)"]
         out.append(
             f"Purification overhead {ovh['value']:.2f} ({ovh['detail']}): the purifier is "
             f"{100 * flops['purifier'] / flops['pipeline']:.0f} % of the pipeline's FLOPs, so an overhead above "
             f"{flops['pipeline'] / flops['classifier']:.2f} means its kernels run less efficiently than the "
             "classifier's: gated convolutions (activation x sigmoid on twice the channels), dilated convolutions and small "
             "channel counts at 32x32. " + (where + " " if where else "")
-            + "To try: " + ("" if is_int8 else "int8 for the purifier's convolutions, ")
-            + "the gating on uint8 too (the export's int8-full variant, with a LeakyReLU purifier: ELU has no "
-              "quantised kernel), fewer layout conversions (the upsampling and the fp32 edge layers sit between "
-              "NHWC int8 convolutions), fewer or narrower dilated layers, and a larger batch (small batches leave the "
-              "cores idle between layers).")
+            + (f"The graph measured is the export's `{variant}` variant. " if variant else "")
+            + "To try: " + "; ".join(tries) + ".")
     http_bar = bars.get("HTTP")
     if http_bar and http_bar["passed"] is False:
         draw = ref.get("rt_draws") or {}

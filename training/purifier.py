@@ -19,7 +19,8 @@ the paper's code does) or through the whole pipeline with fresh RT draws at ever
 (``--attack-target pipeline``). lambda is 0 for the first ``--warmup-epochs`` epochs. ``--cls-target clean``
 replaces the label y by f's own prediction on the clean image x, a soft target,
 ``-sum softmax(f(x)) * log_softmax(f(g(RT(x'))))``: g learns to keep what the bare classifier says on the clean image
-rather than to fix its mistakes.
+rather than to fix its mistakes. ``--cls-target mixed`` uses that soft target on the clean rows of each batch and
+the label on the adversarial ones.
 
 Distillation into a new architecture (``--teacher FOLDER --arch NAME``): the L1 target becomes the teacher
 purifier's output on the same transformed input (same x', same RT draws) instead of the clean image, so a
@@ -77,8 +78,8 @@ class PurifierConfig:
     attack_target: str = "classifier"  # classifier | pipeline
     eps: float = 8 / 255
     clean_fraction: float = 0.5  # share of each batch kept clean (variant a); the rest is adversarial
-    cls_target: str = "label"  # atop: the classification loss's target: label (CE to y) or clean (f's soft
-    #                            prediction on the clean image)
+    cls_target: str = "label"  # atop: the classification loss's target: label (CE to y), clean (f's soft
+    #                            prediction on the clean image) or mixed (clean rows soft, adversarial rows label)
     teacher: str = ""  # atop: a model folder whose purifier's output on the same RT(x') is the L1 target (distillation)
     seed: int = 0
     bf16: bool | None = None  # None: where it is faster (common.fast_bf16)
@@ -140,7 +141,20 @@ def make_adversarial(cfg: PurifierConfig, f, pipeline, x, y, gen) -> torch.Tenso
     return PGD(target, eps=cfg.eps, alpha=alpha, steps=steps, random_start=True, generator=gen)(x, y)
 
 
-CLS_TARGETS = ("label", "clean")
+CLS_TARGETS = ("label", "clean", "mixed")
+
+
+def cls_targets(kind: str, clean_logits: torch.Tensor | None, y: torch.Tensor, n_clean: int) -> torch.Tensor | None:
+    """Class probabilities the classification term is trained towards, per row of a batch whose first ``n_clean``
+    rows are clean and the rest adversarial: None for ``label`` (plain CE to ``y``); softmax of f's logits on the
+    clean images for ``clean``; for ``mixed``, those soft targets on the clean rows and the one-hot label on the
+    adversarial rows (keep what f says on clean images, still pull adversarial ones to the truth)."""
+    if kind == "label":
+        return None
+    probs = F.softmax(clean_logits.float(), dim=1)
+    if kind == "mixed":
+        probs = torch.cat([probs[:n_clean], F.one_hot(y[n_clean:], probs.shape[1]).to(probs.dtype)])
+    return probs
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor, clean_probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -284,9 +298,9 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
                 else:
                     target = x
                 clean_probs = None
-                if cfg.mode == "atop" and cfg.cls_target == "clean":
+                if cfg.mode == "atop" and cfg.cls_target != "label":
                     with torch.no_grad():
-                        clean_probs = F.softmax(f(x).float(), dim=1)
+                        clean_probs = cls_targets(cfg.cls_target, f(x), y, len(x) - n_adv)
                 l1 = (out_img.float() - target).abs().mean()
                 gan_g = -d_ddp(out_img, mask).float().mean()
                 loss = l1 + cfg.gan_weight * gan_g
