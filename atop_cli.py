@@ -129,7 +129,7 @@ def train_atop(
     attack_target: str = typer.Option("classifier", help="classifier (the paper's code) or pipeline (through g with fresh RT)."),
     clean_fraction: float = typer.Option(0.5, help="Share of each batch left clean (variant a); the rest adversarial (b)."),
     gan_weight: float = typer.Option(0.01, help="Weight of the hinge GAN loss relative to L1."),
-    cls_target: str = typer.Option("label", help="Target of the classification loss: label (CE to y, the paper's) clean (soft CE to f's prediction on the clean image: keep what f says on x), or mixed (that soft target on the batch's clean rows, the label on its adversarial rows)."),
+    cls_target: str = typer.Option("label", help="Target of the classification loss: label (CE to y, the paper's), clean (soft CE to f's prediction on the clean image: keep what f says on x), or mixed (that soft target on the batch's clean rows, the label on its adversarial rows)."),
     teacher: str = typer.Option("", help="Distil: this model folder's purifier output on the same RT(x') is the L1 target (with --arch of another shape: a fresh student)."),
     limit: int = LimitOpt,
     eval_n: int = typer.Option(1000, help="Balanced test images for the final clean-accuracy check."),

@@ -98,12 +98,12 @@ PURIFIER_GLUE = ("LeakyRelu", "Sigmoid", "Mul", "Add", "Resize", "Slice")
 class Int8Recipe:
     glue: tuple[str, ...] = ()  # purifier op types quantised besides the matmul-like nodes
     purifier_input: bool = False  # quantise the purifier's input convolution too
-    purifier_output_glue: bool = False  # quantise the last gated layer's glue too (feeding the fp32 output convolution)
+    edge_glue_depth: int = 4  # glue feeding an fp32 edge layer within this many nodes stays fp32 (glue_nodes' depth)
 
 
 INT8_RECIPES = {"int8": Int8Recipe(), "int8-full": Int8Recipe(PURIFIER_GLUE),
                 "int8-full-in": Int8Recipe(PURIFIER_GLUE, purifier_input=True),
-                "int8-full-gate": Int8Recipe(PURIFIER_GLUE, purifier_input=True, purifier_output_glue=True)}
+                "int8-full-gate": Int8Recipe(PURIFIER_GLUE, purifier_input=True, edge_glue_depth=0)}
 
 
 def kept_fp32(path: Path, recipe: Int8Recipe, max_channels: int = 16) -> list[str]:
@@ -185,7 +185,7 @@ def build_int8(src: Path, dst: Path, calib_images: np.ndarray, rt: RTConfig, rec
     chosen = None  # None: every node of the op types below
     if glue:  # the matmul-like nodes everywhere (bar the edge layers), the purifier's inner glue besides
         chosen = ([n for n in nodes_of(src, ("Conv", "MatMul", "Gemm")) if n not in excluded]
-                  + glue_nodes(src, glue, excluded, depth=0 if recipe.purifier_output_glue else 4))
+                  + glue_nodes(src, glue, excluded, depth=recipe.edge_glue_depth))
     # with the glue quantised, ranges from the mean of per-batch min/max: the global extremes of sums and
     # activations waste uint8 levels (exploratory, shipped model, K = 4, 1,000 images: global min-max lost 0.6 clean
     # points against fp32, the per-batch mean 0.0)

@@ -779,7 +779,8 @@ def model_level(ctx: Context, names, preset: Preset, flops: dict, inputs: Inputs
             continue
         ready[name] = b
         backends[name] = {"status": "ok", "device": b.device, "precision": b.precision, "peak": b.peak,
-                          "detail": b.detail, **({"variant": b.variant} if b.variant else {}), "setup_seconds": round(time.perf_counter() - t, 2), "cells": []}
+                          "detail": b.detail, **({"variant": b.variant} if b.variant else {}),
+                          "setup_seconds": round(time.perf_counter() - t, 2), "cells": []}
         if b.classifier_note:
             backends[name]["classifier_note"] = b.classifier_note
     plan = [(batch, part, k) for batch in preset.batch_sizes
