@@ -230,6 +230,7 @@ def export(
     calib_n: int = typer.Option(1024, "--calib-n", help="Training images calibrating the int8 candidate."),
     robust_n: int = typer.Option(1000, "--robust-n", help="Verification images attacked (PGD-20 on the classifier) for the variant's robust-accuracy gate (0: gate on clean accuracy only)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the verification subset and of the shared mask/noise draws."),
+    variants: str = typer.Option("", "--variants", help="Comma-separated faster-CPU candidates to build and measure (default: all: ort-offline, int8, int8-full, int8-full-in, int8-full-gate). The fastest accepted one on the exporting CPU ships; exporting on another CPU than the one that will serve, name the variant measured fastest there."),
     list_store: bool = typer.Option(False, "--list", help="List the BentoML store entries (name:version, size, created, metrics) and exit."),
 ):
     """Export the purified classifier to one verified ONNX graph (+ TensorRT), as a serving folder and a BentoML model.
@@ -244,7 +245,7 @@ def export(
     from export.build import export_model
 
     summary = export_model(model, out, fmt=fmt, name=name, register=register, verify_n=verify_n, data=data or None,
-                           optimize=optimize, calib_n=calib_n, robust_n=robust_n, seed=seed,
+                           optimize=optimize, calib_n=calib_n, robust_n=robust_n, seed=seed, variants=variants or None,
                            command=" ".join(["atop", *sys.argv[1:]]), log=lambda m: typer.echo(m, err=True))
     typer.echo(json.dumps(summary, indent=1))
 

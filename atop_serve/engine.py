@@ -21,6 +21,7 @@ from typing import Literal, Sequence, get_args
 import numpy as np
 
 from .config import RTConfig, draw_rt_inputs_numpy
+from .cpu import int8_saturates
 from .errors import ModelError
 from .modelio import ONNX_FILE, OPT_ONNX_FILE, check_external_data, read_card
 
@@ -125,8 +126,10 @@ class OnnxEngine(Engine):
     def describe(self) -> dict:
         import onnxruntime as ort
 
+        skipped = int8_unsafe_here(self.card) if self.file == ONNX_FILE and (self.folder / OPT_ONNX_FILE).exists() else None
         return {**super().describe(), "graph": self.file, "variant": shipped_variant(self.card) if self.file == OPT_ONNX_FILE
-                else "fp32", "versions": {"onnxruntime": ort.__version__}}
+                else "fp32", "versions": {"onnxruntime": ort.__version__},
+                **({"variant_not_served": skipped} if skipped else {})}
 
 
 class TorchEngine(Engine):
@@ -209,18 +212,45 @@ def shipped_variant(card: dict) -> str | None:
     return ((card.get("export") or {}).get("cpu_variant") or {}).get("shipped") or None
 
 
+def variant_weight_bits(card: dict) -> int | None:
+    """The weight range of the shipped int8 variant: 7 (``reduce_range``, exact on every CPU) or 8 (exported before
+    7-bit weights, or by hand: the card does not say); None when the variant is not int8."""
+    cpu_variant = (card.get("export") or {}).get("cpu_variant") or {}
+    if not str(cpu_variant.get("shipped") or "").startswith("int8"):
+        return None
+    return int(cpu_variant.get("weight_bits", 8))
+
+
+def int8_unsafe_here(card: dict) -> str | None:
+    """Why the shipped int8 variant must not run on this CPU (8-bit weights where ONNX Runtime's int8 kernels
+    saturate: see atop_serve.cpu), or None."""
+    if variant_weight_bits(card) == 8 and int8_saturates():
+        return ("its int8 variant has 8-bit weights and this x86 CPU has no VNNI, where ONNX Runtime's int8 kernels "
+                "saturate (wrong sums; re-export with this version for 7-bit weights)")
+    return None
+
+
 def choose_graph(folder: Path, card: dict, graph: str = "auto", providers: Sequence[str] = ()) -> str:
     """Which exported graph to run. ``auto``: the shipped faster CPU variant when the session will run on the
-    CPU provider only (the variant is tuned and verified for it), else the fp32 graph; ``fp32``; ``opt``."""
+    CPU provider only (the variant is tuned and verified for it) and its arithmetic is exact on this CPU
+    (``int8_unsafe_here``), else the fp32 graph; ``fp32``; ``opt`` (forced: a warning where it is not exact)."""
     has_opt = (folder / OPT_ONNX_FILE).exists() and shipped_variant(card) is not None
+    unsafe = int8_unsafe_here(card) if has_opt else None
     if graph == "opt":
         if not has_opt:
             raise ModelError(f"ATOP_GRAPH=opt but {folder} ships no faster CPU variant ({OPT_ONNX_FILE} listed in "
                              "the card's export.cpu_variant.shipped); use ATOP_GRAPH=auto or fp32")
+        if unsafe:
+            log.warning("ATOP_GRAPH=opt: serving %s although %s", OPT_ONNX_FILE, unsafe)
         return OPT_ONNX_FILE
     if graph == "fp32" or not has_opt:
         return ONNX_FILE
-    return OPT_ONNX_FILE if choose_providers(providers) == ["CPUExecutionProvider"] else ONNX_FILE
+    if choose_providers(providers) != ["CPUExecutionProvider"]:
+        return ONNX_FILE
+    if unsafe:
+        log.warning("serving %s instead of %s: %s", ONNX_FILE, OPT_ONNX_FILE, unsafe)
+        return ONNX_FILE
+    return OPT_ONNX_FILE
 
 
 def load_engine(folder: Path, threads: int = 0, providers: Sequence[str] = (), graph: str = "auto") -> Engine:

@@ -306,6 +306,8 @@ class AtopService:
         engine = self.engine.describe()
         return {**self.card, "serving": {
             "model": self.label, "backend": engine["backend"], "providers": engine["providers"],
+            "graph": engine.get("graph", "eager"), "variant": engine.get("variant", "fp32"),
+            **({"variant_not_served": engine["variant_not_served"]} if "variant_not_served" in engine else {}),
             "versions": {"atop_serve": __version__, "bentoml": bentoml.__version__, "numpy": np.__version__,
                          "pillow": PIL.__version__, **engine["versions"]},
             "input": {"formats": FORMAT_NAMES, "size": [self.size, self.size],

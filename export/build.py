@@ -130,9 +130,23 @@ def _commit(tmp: Path, out: Path, in_place: bool) -> None:
         tmp.rename(out)
 
 
+def parse_variants(variants: str | None) -> tuple[str, ...]:
+    """``--variants``: comma-separated candidate names (None or empty: all of them), checked before any work."""
+    from .optimize import CANDIDATES
+
+    if not variants:
+        return CANDIDATES
+    names = tuple(dict.fromkeys(v.strip() for v in variants.split(",") if v.strip()))
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown or not names:
+        what = f"unknown candidate(s) {', '.join(unknown)}" if unknown else f"no candidate named in {variants!r}"
+        raise ExportError(f"--variants: {what}; valid: {', '.join(CANDIDATES)}")
+    return names
+
+
 def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-default", register: bool = True,
                  verify_n: int = 1000, data=None, optimize: bool = True, calib_n: int = 1024, robust_n: int = 1000, seed: int = 0, bench_reps: int = 7,
-                 command: str | None = None, log=print) -> dict:
+                 variants: str | None = None, command: str | None = None, log=print) -> dict:
     """Export, verify and register a model folder; returns a summary (serving folder, store tag, numbers).
 
     ``model``: folder or None/'default'; ``out``: serving folder (default: the model folder, in place).
@@ -151,6 +165,7 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
         raise ExportError(f"--verify-n must be >= 1, got {verify_n}")
     if robust_n < 0 or calib_n < 0:
         raise ExportError(f"--robust-n and --calib-n must be >= 0, got {robust_n} and {calib_n}")
+    candidates = parse_variants(variants)
     src = modelio.resolve(model)
     card = modelio.read_card(src)
     if "purifier" not in card:
@@ -213,7 +228,8 @@ def export_model(model=None, out=None, fmt: str = "onnx", name: str = "atop-defa
                 log(f"  {len(robust)} adversarial images for the variant gate in {time.perf_counter() - t1:.1f} s")
             variant, vrec = select_variant(onnx_path, tmp, vset, rt, calib.images if calib is not None else None,
                                            calib.source if calib is not None else "", seed=seed, reps=bench_reps,
-                                           samples=modelio.default_samples(card), robust=robust, log=log)
+                                           samples=modelio.default_samples(card), robust=robust, log=log,
+                                           candidates=candidates)
             if variant is not None:
                 variant.replace(tmp / modelio.OPT_ONNX_FILE)
                 files[modelio.OPT_ONNX_FILE] = {"precision": "int8" if vrec["shipped"].startswith("int8") else "fp32",

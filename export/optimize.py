@@ -20,6 +20,12 @@ Candidates (each built from the verified fp32 ``pipeline.onnx``):
     on uint8; only the output convolution and the sigmoid after it stay fp32 in the purifier. Without it that layer,
     the widest at 32x32, dequantises its whole pre-gate output (2 x 32 channels) to float and gates there.
 
+Every int8 candidate has 7-bit weights (per-channel symmetric, range [-64, 64]: ``reduce_range``). ONNX Runtime's
+int8 kernels on x86 CPUs without VNNI add pairs of uint8 x int8 products in 16 bits and saturate with full 8-bit
+weights (atop_serve/cpu.py); with 7 bits no pair can, so the graph's integer sums are exact, and the same, on every
+CPU, and the accuracy gates below, measured on the exporting CPU, hold wherever it is served. (8-bit weights,
+exported on a CPU with VNNI, lost 3.5 points of clean accuracy on one without: docs/export.md.)
+
 bf16 / fp16 are not candidates: ONNX Runtime's CPU provider has no bf16 convolution kernels and its fp16 CPU
 kernels are slower than fp32.
 
@@ -44,6 +50,7 @@ from atop_serve.config import RTConfig
 from .verify import TOLERANCES, VerificationSet, draws, session_logits
 
 CANDIDATES = ("ort-offline", "int8", "int8-full", "int8-full-in", "int8-full-gate")
+WEIGHT_BITS = 7  # int8 weights in [-64, 64]: exact on CPUs without VNNI too (see the module docstring)
 
 
 def build_ort_offline(src: Path, dst: Path) -> Path:
@@ -65,6 +72,19 @@ def _calibration_batches(input_names, images: np.ndarray, rt: RTConfig, batch: i
         d = draws(rt, len(x), 1, seed + i)
         out.append({"images": x, **{k: d[k] for k in input_names if k != "images"}})
     return out
+
+
+def int8_weight_bits(path: Path) -> int | None:
+    """7 if every int8 weight of the graph lies in [-64, 64] (no U8S8 saturation on any CPU), else 8; None without
+    int8 weights."""
+    import onnx
+    from onnx import numpy_helper
+
+    weights = [numpy_helper.to_array(t) for t in onnx.load(str(path), load_external_data=False).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8]
+    if not weights:
+        return None
+    return 7 if max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64 else 8
 
 
 def edge_layers(path: Path, max_channels: int = 16) -> list[str]:
@@ -191,8 +211,9 @@ def build_int8(src: Path, dst: Path, calib_images: np.ndarray, rt: RTConfig, rec
     # points against fp32, the per-batch mean 0.0)
     quantize_static(str(pre), str(dst), reader, quant_format=QuantFormat.QDQ,
                     op_types_to_quantize=["Conv", "MatMul", "Gemm", *glue], per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                    nodes_to_quantize=chosen, extra_options={"CalibMovingAverage": bool(glue)})
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=True,  # WEIGHT_BITS
+                    nodes_to_exclude=excluded, nodes_to_quantize=chosen,
+                    extra_options={"CalibMovingAverage": bool(glue)})
     if pre != src:
         pre.unlink(missing_ok=True)
     return dst
@@ -274,7 +295,8 @@ def select_variant(fp32_path: Path, workdir: Path, vset: VerificationSet, rt: RT
             record["candidates"][name]["quantised_purifier_input_conv"] = recipe.purifier_input
             record["candidates"][name]["calibration"] = {"images": int(len(calib_images)), "source": calib_source,
                                                          "method": ("min-max (mean of per-batch)" if recipe.glue else "min-max")
-                                                         + ", QDQ, per-channel int8 weights, uint8 activations",
+                                                         + f", QDQ, per-channel int8 weights ({WEIGHT_BITS}-bit range),"
+                                                         " uint8 activations",
                                                          "kept_fp32": kept_fp32(fp32_path, recipe)}
     if not built:
         return None, record
@@ -318,4 +340,6 @@ def select_variant(fp32_path: Path, workdir: Path, vset: VerificationSet, rt: RT
         if rec["accepted"] and (best is None or latency[name] < latency[best]):
             best = name
     record["shipped"] = best
+    if best in INT8_RECIPES:  # read off the shipped graph: what the service's CPU check relies on
+        record["weight_bits"] = int8_weight_bits(built[best])
     return (built[best] if best else None), record

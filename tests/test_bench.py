@@ -265,6 +265,27 @@ def test_batching_choice_breaks_ties_towards_larger_batches():
     assert got["max_batch_size"] == 16 and "the most requests/s" in got["why"]
 
 
+def test_ort_opt_is_skipped_where_the_service_would_not_run_it(serving_folder, tmp_path, monkeypatch):
+    """A folder whose int8 variant has 8-bit weights (an older export) is not benchmarked as ort-opt on a CPU where
+    those weights saturate: the service runs the fp32 graph there, and the skip says why."""
+    import shutil
+
+    from atop_serve import cpu, engine
+    from training import bench
+
+    folder = shutil.copytree(serving_folder, tmp_path / "legacy")
+    card = modelio.read_card(folder)
+    card["export"]["cpu_variant"] = {"shipped": "int8"}  # as an export before 7-bit weights recorded it
+    modelio.write_card(folder, card)
+    model = bench.load_model(folder)
+    ctx = bench.Context(model, tmp_path, 1, 8, 1, np.zeros((4, 3, 32, 32), np.float32), lambda m: None)
+    monkeypatch.setattr(engine, "int8_saturates", lambda: cpu.int8_saturates("x86_64", {"avx2", "avx512f"}))
+    with pytest.raises(bench.Skip, match="does not run pipeline.opt.onnx on this CPU: .*no VNNI"):
+        bench.setup_backend("ort-opt", ctx)
+    monkeypatch.setattr(engine, "int8_saturates", lambda: False)
+    assert bench.setup_backend("ort-opt", ctx).variant == card["export"]["cpu_variant"]["shipped"]
+
+
 def test_overhead_advice_follows_the_measured_variant():
     """A missed overhead bar gets advice for what the measured graph does not do yet: no 'quantise the gating'
     for an int8-full variant, both int8 and the gating for an fp32 graph."""

@@ -149,6 +149,7 @@ def test_metadata_get_and_post(server, det_folder):
     assert meta["classes"] == card["classes"] and meta["purifier"]["rt"] == card["purifier"]["rt"]
     serving = meta["serving"]
     assert serving["backend"] == "onnxruntime" and serving["providers"] == ["CPUExecutionProvider"]
+    assert serving["graph"] == modelio.ONNX_FILE and serving["variant"] == "fp32" and "variant_not_served" not in serving
     assert {"atop_serve", "bentoml", "onnxruntime", "numpy", "pillow"} <= set(serving["versions"])
     assert serving["seed_allowed"] is False and serving["limits"]["max_images"] == 8
     assert serving["limits"]["default_samples"] == card["pipeline"]["samples"] == 2
@@ -347,7 +348,7 @@ def test_graph_choice_prefers_the_shipped_cpu_variant(rt_folder, tmp_path):
     shutil.copy(folder / modelio.ONNX_FILE, folder / modelio.OPT_ONNX_FILE)
     assert load_engine(folder, threads=1).file == modelio.ONNX_FILE  # the file alone is not enough
     card = modelio.read_card(folder)
-    card.setdefault("export", {})["cpu_variant"] = {"shipped": "int8"}
+    card.setdefault("export", {})["cpu_variant"] = {"shipped": "int8", "weight_bits": 7}
     modelio.write_card(folder, card)
     engine = load_engine(folder, threads=1, providers=("CPUExecutionProvider",))
     assert engine.file == modelio.OPT_ONNX_FILE and engine.describe()["variant"] == "int8"
@@ -356,6 +357,52 @@ def test_graph_choice_prefers_the_shipped_cpu_variant(rt_folder, tmp_path):
     assert choose_graph(folder, card, "auto", ("CPUExecutionProvider",)) == modelio.OPT_ONNX_FILE
     with pytest.raises(AtopError, match="ATOP_GRAPH"):
         Settings.from_env({"ATOP_GRAPH": "int4"})
+
+
+def test_int8_variant_with_8bit_weights_is_not_served_where_it_saturates(rt_folder, tmp_path, monkeypatch, caplog):
+    """A card whose int8 variant has 8-bit weights (exported before 7-bit weights; no ``weight_bits``) runs the fp32
+    graph on an x86 CPU without VNNI, with a warning and a note in describe(); on a CPU with VNNI, or with 7-bit
+    weights, the variant runs; ATOP_GRAPH=opt forces it (warning)."""
+    from atop_serve import cpu, engine as engine_mod
+
+    folder = shutil.copytree(rt_folder, tmp_path / "legacy")
+    shutil.copy(folder / modelio.ONNX_FILE, folder / modelio.OPT_ONNX_FILE)
+    card = modelio.read_card(folder)
+    card.setdefault("export", {})["cpu_variant"] = {"shipped": "int8-full-gate"}
+    modelio.write_card(folder, card)
+    cpu_cases = {"skylake": {"avx2", "avx512f", "avx512bw"}, "cascade-lake": {"avx2", "avx512f", "avx512_vnni"}}
+    monkeypatch.setattr(engine_mod, "int8_saturates", lambda: cpu.int8_saturates("x86_64", cpu_cases["skylake"]))
+    cpu_only = ("CPUExecutionProvider",)
+    with caplog.at_level("WARNING", logger="atop_serve.engine"):
+        served = load_engine(folder, threads=1, providers=cpu_only)
+    assert served.file == modelio.ONNX_FILE and "no VNNI" in served.describe()["variant_not_served"]
+    assert "instead of pipeline.opt.onnx" in caplog.text
+    assert load_engine(folder, threads=1, providers=cpu_only, graph="opt").file == modelio.OPT_ONNX_FILE
+    card["export"]["cpu_variant"]["weight_bits"] = 7
+    modelio.write_card(folder, card)
+    assert load_engine(folder, threads=1, providers=cpu_only).file == modelio.OPT_ONNX_FILE
+    del card["export"]["cpu_variant"]["weight_bits"]
+    modelio.write_card(folder, card)
+    monkeypatch.setattr(engine_mod, "int8_saturates", lambda: cpu.int8_saturates("x86_64", cpu_cases["cascade-lake"]))
+    served = load_engine(folder, threads=1, providers=cpu_only)
+    assert served.file == modelio.OPT_ONNX_FILE and "variant_not_served" not in served.describe()
+
+
+def test_cpu_int8_saturation_check(tmp_path):
+    """x86 without VNNI saturates, with any VNNI flavour not; other architectures never; unreadable flags on x86:
+    assume it does. The flags come from /proc/cpuinfo's first flags line."""
+    from atop_serve import cpu
+
+    assert cpu.int8_saturates("x86_64", {"avx2", "fma", "avx512f", "avx512bw"})
+    assert cpu.int8_saturates("AMD64", set())
+    for vnni in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        assert not cpu.int8_saturates("x86_64", {"avx2", vnni})
+    assert not cpu.int8_saturates("aarch64", set())
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu.cpu_flags(info) == {"fpu", "avx2", "avx512_vnni"}
+    flags = cpu.cpu_flags()
+    assert flags is None or isinstance(flags, set)
 
 
 def test_engine_refuses_unservable_folders(rt_folder, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,12 +28,19 @@ def _train(out, **kw):
     return train(cfg, out, resume=kw.pop("resume", False) if "resume" in kw else False, show_progress=False)
 
 
-def test_short_classifier_run_beats_chance(tmp_path):
-    r = _train(tmp_path / "clf", epochs=4)
-    card = modelio.read_card(tmp_path / "clf")
-    assert r["metrics"]["test_acc_tta_none"] > 0.30  # chance is 0.10
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """One standard 4-epoch run on 2,000 images, shared by the tests that need a trained standard classifier (its
+    folder is read-only to them: copy it before changing anything)."""
+    out = tmp_path_factory.mktemp("short") / "clf"
+    return {"out": out, **_train(out, epochs=4)}
+
+
+def test_short_classifier_run_beats_chance(short_run):
+    card = modelio.read_card(short_run["out"])
+    assert short_run["metrics"]["test_acc_tta_none"] > 0.30  # chance is 0.10
     assert card["classifier"]["metrics"]["test_acc_tta_flip"] > 0.30
-    clf = modelio.load_classifier(tmp_path / "clf")
+    clf = modelio.load_classifier(short_run["out"])
     assert clf.mode == "flip-translate" and not clf.training
 
 
@@ -48,14 +56,14 @@ def test_resume_reproduces_uninterrupted_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_adversarial_training_buys_robustness(tmp_path):
-    """N-FGSM adversarial training on a small subset ends with PGD-10 accuracy (against itself) well above a
-    standard run's, records it in the card, and learns its first conv instead of freezing a whitening one."""
+def test_adversarial_training_buys_robustness(tmp_path, short_run):
+    """N-FGSM adversarial training on a small subset ends with PGD-10 accuracy (against itself) well above the
+    standard run's (same data, epochs and batches), records it in the card, and learns its first conv instead of
+    freezing a whitening one."""
     from training.classifier import pgd_accuracy
 
-    base = {"limit": 2000, "eval_n": 200, "epochs": 4, "batch_size": 200, "tta": "none"}
-    std = _train(tmp_path / "std", **base)
-    at = _train(tmp_path / "at", **base, adversarial="n-fgsm")
+    std = short_run
+    at = _train(tmp_path / "at", limit=2000, eval_n=200, epochs=4, batch_size=200, tta="none", adversarial="n-fgsm")
     card = modelio.read_card(tmp_path / "at")["classifier"]["metrics"]
     assert card["pgd10_images"] == 200 and 0 <= card["test_acc_pgd10_tta_none"] <= 1
     from training.data import load_cifar10
@@ -214,10 +222,10 @@ def test_whitening_sample_covers_every_class_of_a_class_sorted_set():
     assert sample.labels.bincount(minlength=10).tolist() == [500] * 10
 
 
-def test_distillation_learns_the_teachers_targets(tmp_path):
+def test_distillation_learns_the_teachers_targets(tmp_path, short_run):
     # a teacher whose class outputs are rotated by one: a student trained on its probabilities alone
     # (--distill 1) must predict the rotated classes, which labels alone would never teach
-    _train(tmp_path / "t", epochs=4)
+    shutil.copytree(short_run["out"], tmp_path / "t")
     teacher = modelio.load_classifier(tmp_path / "t", tta="none").classifier
     with torch.no_grad():
         teacher.head.weight.copy_(teacher.head.weight.roll(1, dims=0))  # logit c+1 <- old logit c

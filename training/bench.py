@@ -608,10 +608,15 @@ def setup_backend(name: str, ctx: Context) -> Backend:
         if name == "ort-fp32":
             pipe_path, precision, peak = ctx.onnx, "fp32", "cpu-fp32"
         else:
+            from atop_serve.engine import int8_unsafe_here
+
             variant = opt_variant(m)
             if variant is None:
                 raise Skip(f"no {modelio.OPT_ONNX_FILE} in the folder: the export shipped no faster CPU variant "
                            "(card: export.cpu_variant)")
+            unsafe = int8_unsafe_here(m.card)
+            if unsafe:  # its sums are wrong here, and the service runs the fp32 graph instead: nothing to time
+                raise Skip(f"the service does not run {modelio.OPT_ONNX_FILE} on this CPU: {unsafe}")
             pipe_path = m.folder / modelio.OPT_ONNX_FILE
             precision, peak = (("int8 (QDQ: int8 weights, uint8 activations)", "cpu-int8") if variant.startswith("int8")
                                else (f"fp32 ({variant})", "cpu-fp32"))

@@ -1,0 +1,45 @@
+"""What the serving CPU can do with int8 graphs.
+
+ONNX Runtime multiplies uint8 activations by int8 weights (U8S8). On x86 CPUs with VNNI (``avx512_vnni``,
+``avx_vnni``, ``amx_int8``) one instruction sums the products exactly in 32 bits; without it (AVX2 and AVX-512
+CPUs before Cascade Lake / Ice Lake, AMD before Zen 4) MLAS uses VPMADDUBSW, which adds pairs of products in
+16 bits and *saturates* once a pair exceeds 32,767: 255 x 127 x 2 = 64,770 can, 255 x 64 x 2 = 32,640 cannot. So a
+graph with full 8-bit weights computes different, wrong sums there (ONNX Runtime's quantisation docs: weights
+of 7 bits, ``reduce_range``, avoid it). Measured on the shipped model (docs/export.md): 8-bit weights lost 3.5
+points of clean accuracy on a Skylake-SP Xeon (no VNNI) that they did not lose on the exporting CPU.
+"""
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo`` names), or None where they cannot be read."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    try:  # elsewhere: what NumPy's runtime dispatch detected (its names, mapped to the Linux ones we need)
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features  # NumPy 1.x
+        except ImportError:
+            return None
+    return {"avx512_vnni"} if features.get("AVX512VNNI") else set()
+
+
+def int8_saturates(machine: str | None = None, flags: set[str] | None = None) -> bool:
+    """Whether ONNX Runtime's U8S8 kernels on this CPU can saturate with 8-bit weights: an x86 CPU without VNNI
+    (or one whose flags cannot be read: assume the worst). Other architectures take no such shortcut."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in X86:
+        return False
+    flags = cpu_flags() if flags is None else flags
+    return flags is None or not (flags & VNNI_FLAGS)
