@@ -11,18 +11,20 @@ points of clean accuracy on a Skylake-SP Xeon (no VNNI) that they did not lose o
 from __future__ import annotations
 
 import platform
+from functools import lru_cache
 from pathlib import Path
 
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
 
 
-def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo`` names), or None where they cannot be read."""
+@lru_cache(maxsize=None)
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo`` names), or None where they cannot be read; read once."""
     try:
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
     try:  # elsewhere: what NumPy's runtime dispatch detected (its names, mapped to the Linux ones we need)
@@ -32,10 +34,10 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
             from numpy.core._multiarray_umath import __cpu_features__ as features  # NumPy 1.x
         except ImportError:
             return None
-    return {"avx512_vnni"} if features.get("AVX512VNNI") else set()
+    return frozenset({"avx512_vnni"} if features.get("AVX512VNNI") else ())
 
 
-def int8_saturates(machine: str | None = None, flags: set[str] | None = None) -> bool:
+def int8_saturates(machine: str | None = None, flags: frozenset[str] | set[str] | None = None) -> bool:
     """Whether ONNX Runtime's U8S8 kernels on this CPU can saturate with 8-bit weights: an x86 CPU without VNNI
     (or one whose flags cannot be read: assume the worst). Other architectures take no such shortcut."""
     machine = (machine or platform.machine()).lower()

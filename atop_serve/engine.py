@@ -115,6 +115,9 @@ class OnnxEngine(Engine):
                  file: str = ONNX_FILE):
         super().__init__(folder, card, rt)
         self.file = file
+        # the shipped faster variant this CPU must not run (set when choose_graph fell back to fp32 for it)
+        self.variant_not_served = (int8_unsafe_here(card) if file == ONNX_FILE and (folder / OPT_ONNX_FILE).exists()
+                                   else None)
         self.session = make_session(folder / file, threads, providers)
         self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -126,10 +129,9 @@ class OnnxEngine(Engine):
     def describe(self) -> dict:
         import onnxruntime as ort
 
-        skipped = int8_unsafe_here(self.card) if self.file == ONNX_FILE and (self.folder / OPT_ONNX_FILE).exists() else None
         return {**super().describe(), "graph": self.file, "variant": shipped_variant(self.card) if self.file == OPT_ONNX_FILE
                 else "fp32", "versions": {"onnxruntime": ort.__version__},
-                **({"variant_not_served": skipped} if skipped else {})}
+                **({"variant_not_served": self.variant_not_served} if self.variant_not_served else {})}
 
 
 class TorchEngine(Engine):

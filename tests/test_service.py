@@ -402,7 +402,7 @@ def test_cpu_int8_saturation_check(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_vnni\n\nprocessor\t: 1\nflags\t\t: fpu\n")
     assert cpu.cpu_flags(info) == {"fpu", "avx2", "avx512_vnni"}
     flags = cpu.cpu_flags()
-    assert flags is None or isinstance(flags, set)
+    assert flags is None or isinstance(flags, frozenset)
 
 
 def test_engine_refuses_unservable_folders(rt_folder, tmp_path):
