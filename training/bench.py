@@ -35,6 +35,7 @@ import numpy as np
 
 from atop_serve import modelio
 from atop_serve.config import RTConfig, draw_rt_inputs_numpy
+from atop_serve.cpu import cpu_flags
 from atop_serve.errors import AtopError, ModelError
 
 from . import loadgen
@@ -173,15 +174,14 @@ def machine_info() -> dict:
     info: dict = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                   "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                   "platform": platform.platform(), "python": platform.python_version()}
-    flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name") and info["cpu"] in (platform.processor(), platform.machine(), ""):
                 info["cpu"] = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+                break
     except OSError:
         pass
+    flags = cpu_flags() or frozenset()
     info["cpu_flags"] = {f: f in flags for f in CPU_FLAGS}
     try:
         meminfo = Path("/proc/meminfo").read_text().splitlines()

@@ -63,10 +63,9 @@ def fast_bf16(device: torch.device) -> bool:
     with avx512_bf16 and no AMX: airnet trains at 230 images/s in bf16 and 349 in fp32)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        return "amx_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    from atop_serve.cpu import cpu_flags
+
+    return "amx_bf16" in (cpu_flags() or ())
 
 
 def sync_buffers(model: torch.nn.Module, rt: Runtime) -> None:
