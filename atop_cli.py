@@ -22,7 +22,7 @@ DataOpt = typer.Option("", "--data", help="Dataset root: image-folder tree (<roo
 # options shared by the training commands
 LimitOpt = typer.Option(0, help="Train on a class-balanced subset of N images (0: all).")
 SeedOpt = typer.Option(0, help="Random seed.")
-Bf16Opt = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: where it is faster: CUDA, or a CPU with AMX).", show_default=False)
+Bf16Opt = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: where it is faster: CUDA, a CPU with AMX, or an AMD CPU with AVX-512 BF16).", show_default=False)
 DeviceOpt = typer.Option("auto", help="auto, cpu or cuda.")
 ResumeOpt = typer.Option(False, help="Resume from <out>/checkpoint.")
 ProgressOpt = typer.Option(True, help="Show a progress bar.")
@@ -179,7 +179,7 @@ def eval_cmd(
     quantize: bool = typer.Option(False, help="Round adversarial images to 8 bits as the service does (BPDA gradients)."),
     graph: str = typer.Option("torch", help="What scores the images: torch (eager pipeline), onnx (the folder's pipeline.onnx, as served) or opt (pipeline.opt.onnx, the faster CPU variant). Attacks take gradients in PyTorch either way."),
     seed: int = typer.Option(0, help="Seed for the subset, random starts and RT draws."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="Attack gradients under bf16 autocast (default: where it is faster: CUDA, or a CPU with AMX); accuracy is always fp32.", show_default=False),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="Attack gradients under bf16 autocast (default: where it is faster: CUDA, a CPU with AMX, or an AMD CPU with AVX-512 BF16); accuracy is always fp32.", show_default=False),
     device: str = DeviceOpt,
     data: str = DataOpt,
     out: Optional[Path] = typer.Option(None, help="Report folder: report.json, report.md, plots, per-attack results (resumable)."),
@@ -303,11 +303,12 @@ def pack(
     samples: Optional[int] = typer.Option(None, help="Set the recommended purification samples K (card pipeline.samples: the default of load_pipeline, atop eval and the service)."),
     mirror: Optional[bool] = typer.Option(None, "--mirror/--no-mirror", help="Feed the odd-numbered purification samples the mirrored image (card pipeline.mirror: flip TTA inside K at no extra cost; default: keep).", show_default=False),
     rate: Optional[float] = typer.Option(None, help="Set the random transform's mask rate at serving time (card purifier.rt.rate, in [0, 1); default: keep)."),
+    classifier: Optional[str] = typer.Option(None, "--classifier", help="Pair the purifier with this model folder's classifier instead (same classes; the card records the swap and drops the old evaluations)."),
 ):
     """Copy a model folder for shipping: card and weights only, optionally float16 weights."""
     from export.pack import pack as pack_folder
 
-    card = pack_folder(model, out, half=half, tta=tta, samples=samples, mirror=mirror, rate=rate)
+    card = pack_folder(model, out, half=half, tta=tta, samples=samples, mirror=mirror, rate=rate, classifier=classifier)
     sizes = {p.name: p.stat().st_size for p in Path(out).iterdir()}
     typer.echo(json.dumps({"out": str(out), "files": sizes, "classes": len(card["classes"])}, indent=1))
 

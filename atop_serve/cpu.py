@@ -37,6 +37,18 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
     return frozenset({"avx512_vnni"} if features.get("AVX512VNNI") else ())
 
 
+@lru_cache(maxsize=None)
+def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or None where it cannot be read."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def int8_saturates(machine: str | None = None, flags: frozenset[str] | set[str] | None = None) -> bool:
     """Whether ONNX Runtime's U8S8 kernels on this CPU can saturate with 8-bit weights: an x86 CPU without VNNI
     (or one whose flags cannot be read: assume the worst). Other architectures take no such shortcut."""

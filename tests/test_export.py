@@ -414,6 +414,45 @@ def test_pack_half_weights_and_tta_override(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_pack_swaps_in_another_classifier(tmp_path):
+    """``--classifier``: the packed folder runs the source's purifier with the other folder's classifier (its
+    weights and card section), records the swap, and drops evaluations that measured the replaced pipeline;
+    mismatched classes or a folder without a classifier fail before anything is written."""
+    import torch
+
+    from atop_serve import modelio
+    from atop_serve.errors import AtopError
+    from export.pack import pack
+
+    src = make_model_folder(tmp_path / "src", seed=0, tta="none")
+    card = modelio.read_card(src)
+    card["evaluation"] = {"old": {"accuracy": {"clean": {"value": 0.5}}}}
+    card["purifier"]["metrics"] = {"atop_clean_acc_k1": {"value": 0.5}}
+    modelio.write_card(src, card)
+    other = make_model_folder(tmp_path / "other", seed=1, tta="flip")
+    packed = pack(src, tmp_path / "packed", half=False, classifier=other)
+    swap = packed["pipeline"]["classifier_swap"]
+    assert swap["replaced"]["sha256"] == card["classifier"]["sha256"] and swap["classifier_from"] == str(other)
+    assert swap["purifier_metrics_then"] == {"atop_clean_acc_k1": {"value": 0.5}}
+    assert "evaluation" not in packed and "metrics" not in packed["purifier"]
+    assert packed["classifier"]["tta"] == "flip"
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        got = modelio.load_pipeline(tmp_path / "packed")
+        assert torch.equal(got.classifier(x), modelio.load_classifier(other)(x))
+        mine = modelio.load_pipeline(src).purifier.state_dict()
+        assert all(torch.equal(v, mine[k]) for k, v in got.purifier.state_dict().items())
+    wrong = make_model_folder(tmp_path / "wrong", seed=2)
+    wc = modelio.read_card(wrong)
+    wc["classes"] = [f"c{i}" for i in range(10)]
+    modelio.write_card(wrong, wc)
+    with pytest.raises(AtopError, match="has classes"):
+        pack(src, tmp_path / "bad", classifier=wrong)
+    with pytest.raises(AtopError, match="does not exist|not found|no card"):
+        pack(src, tmp_path / "bad", classifier=tmp_path / "nowhere")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_int8_full_quantises_the_purifier_glue(model_dir, tmp_path):
     """``int8-full`` runs a gated-unet-lrelu purifier's gates on uint8 once ONNX Runtime has fused the QDQ pairs
     (LeakyReLU and sigmoid become table lookups), except the last gated layer, which feeds the fp32 output

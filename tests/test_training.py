@@ -287,3 +287,22 @@ def test_atop_distils_a_new_architecture_from_a_teacher_purifier(tmp_path):
     assert not {"name", "flops", "evaluation", "evaluation_of_earlier_weights", "export"} & set(card), sorted(card)
     stage = pur_card["atop"]
     assert stage["teacher"]["arch"] == "gated-unet-lrelu" and modelio.read_card(tmp_path / "out")["purifier"]["arch"] == "gated-unet-s2d"
+
+
+def test_bf16_is_chosen_where_it_is_faster(tmp_path, monkeypatch):
+    """bf16 autocast on CPU with AMX, or AVX-512 BF16 on AMD (Zen 4: faster than fp32), not on an Intel CPU with
+    AVX-512 BF16 but no AMX (slower), nor without bf16 instructions; the vendor comes from /proc/cpuinfo."""
+    from atop_serve import cpu
+    from training import common
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu\n")
+    assert cpu.cpu_vendor(info) == "AuthenticAMD"
+    assert cpu.cpu_vendor(tmp_path / "missing") is None
+    cases = [({"avx512f", "amx_bf16"}, "GenuineIntel", True), ({"avx512_bf16"}, "AuthenticAMD", True),
+             ({"avx512_bf16"}, "GenuineIntel", False), ({"avx512f", "avx2"}, "AuthenticAMD", False),
+             (None, None, False)]
+    for flags, vendor, expected in cases:
+        monkeypatch.setattr(cpu, "cpu_flags", lambda f=flags: None if f is None else frozenset(f))
+        monkeypatch.setattr(cpu, "cpu_vendor", lambda v=vendor: v)
+        assert common.fast_bf16(torch.device("cpu")) is expected, (flags, vendor)

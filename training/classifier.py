@@ -8,7 +8,7 @@
 Recipe (after airbench94): whole-batch tensor augmentation (flip, +-2 px reflect-translate), SGD Nesterov on
 a summed loss with a warm-up/linear-decay schedule, label smoothing 0.2, BatchNorm biases at 64x learning
 rate, data-initialised whitening conv whose bias trains only for the first 3 epochs, and lookahead (EMA)
-weights. bf16 autocast where it is faster (CUDA, or a CPU with AMX; ``--bf16/--no-bf16`` to choose) and
+weights. bf16 autocast where it is faster (CUDA, a CPU with AMX, or an AMD CPU with AVX-512 BF16; ``--bf16/--no-bf16`` to choose) and
 channels_last. A checkpoint is written every epoch; ``--resume`` continues bit-identically because every epoch
 draws its randomness from (seed, epoch).
 

@@ -17,7 +17,7 @@ determines its result (model files, threat, data subset, seed, batch size, RT, a
 with the same fingerprint reuses it, so a killed run resumes without recomputing finished attacks. Every
 attack draws from its own generators seeded from ``seed``, so a resumed run gives what an uninterrupted one
 would. Accuracies carry a 95 % Wilson interval; attack gradients run under bf16 autocast when ``bf16`` (by
-default where bf16 is the faster choice: CUDA, or a CPU with AMX), every accuracy is measured in fp32.
+default where bf16 is the faster choice: CUDA, a CPU with AMX, or an AMD CPU with AVX-512 BF16), every accuracy is measured in fp32.
 """
 from __future__ import annotations
 
