@@ -21,12 +21,9 @@ X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
 @lru_cache(maxsize=None)
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
     """The CPU's feature flags (Linux ``/proc/cpuinfo`` names), or None where they cannot be read; read once."""
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    flags = _cpuinfo_field(cpuinfo, "flags")
+    if flags is not None:
+        return frozenset(flags.split())
     try:  # elsewhere: what NumPy's runtime dispatch detected (its names, mapped to the Linux ones we need)
         from numpy._core._multiarray_umath import __cpu_features__ as features
     except ImportError:
@@ -40,9 +37,14 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str] | None:
 @lru_cache(maxsize=None)
 def cpu_vendor(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
     """The CPU's vendor string (``GenuineIntel``, ``AuthenticAMD``, ...), or None where it cannot be read."""
+    return _cpuinfo_field(cpuinfo, "vendor_id")
+
+
+def _cpuinfo_field(cpuinfo: Path, key: str) -> str | None:
+    """The value of the first ``key : value`` line of /proc/cpuinfo, or None."""
     try:
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("vendor_id"):
+            if line.startswith(key):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
