@@ -37,8 +37,8 @@ def pack(src, out: Path, half: bool = True, tta: str | None = None, samples: int
     card = modelio.read_card(src)
     sources = {"classifier": src, "purifier": src}
     if classifier is not None:
-        card = swap_classifier(card, src, modelio.resolve(classifier))
         sources["classifier"] = modelio.resolve(classifier)
+        card = swap_classifier(card, src, sources["classifier"])
     if tta is not None:
         card["classifier"]["tta"] = tta
         if "tta_used_by_pipeline" in (card["classifier"].get("metrics") or {}):  # the training's note of it
