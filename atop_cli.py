@@ -59,6 +59,8 @@ def train_classifier(
     stop_after: int = typer.Option(0, help="End this run after N epochs; continue later with --resume (0: run to the end)."),
     teacher: Optional[list[str]] = typer.Option(None, help="Distil from this model folder's classifier (repeat for an ensemble: mean logits, no TTA)."),
     distill: float = typer.Option(0.5, help="With --teacher: weight of the teachers' probabilities in the target; the rest is the label-smoothed labels."),
+    purifier: str = typer.Option("", help="Model folder whose frozen purifier (with its card's random transform) purifies part of every batch: the classifier also learns the images the purified pipeline feeds it ('default': the shipped one)."),
+    purified_fraction: float = typer.Option(0.5, help="With --purifier: share of each batch replaced by g(RT(x))."),
     seed: int = SeedOpt,
     bf16: Optional[bool] = Bf16Opt,
     device: str = DeviceOpt,
@@ -73,7 +75,8 @@ def train_classifier(
         raise AtopError(f"unknown --adversarial {adversarial!r}; use one of {', '.join(ADVERSARIAL)}")
     cfg = ClassifierConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, adversarial=adversarial, tta=tta,
                            limit=limit, eval_n=eval_n, stop_after=stop_after, seed=seed, bf16=bf16, device=device, data=data,
-                           teachers=tuple(teacher or ()), distill=distill)
+                           teachers=tuple(teacher or ()), distill=distill, purifier=purifier,
+                           purified_fraction=purified_fraction)
     train(cfg, out, resume=resume, show_progress=progress)
 
 

@@ -253,6 +253,35 @@ def test_distillation_refuses_adversarial_training(tmp_path):
         _train(tmp_path / "s", teachers=("default",), adversarial="n-fgsm")
 
 
+def test_purify_rows_replaces_exactly_the_first_rows_by_the_pipelines_purification():
+    from atop_serve.pipeline import PurifiedClassifier
+    from atop_serve.transforms import draw_rt_inputs
+    from training.classifier import Purify
+
+    purify = Purify("default")
+    x = torch.rand(6, 3, 32, 32)
+    out = purify.purify_rows(x, 4, torch.Generator().manual_seed(3))
+    assert out.shape == x.shape and torch.equal(out[4:], x[4:])
+    draws = draw_rt_inputs(purify.rt, 4, 1, torch.Generator().manual_seed(3)).flat()
+    expected = PurifiedClassifier(purify.purifier, torch.nn.Identity(), purify.rt).purify(x[:4], draws)[0]
+    assert torch.allclose(out[:4], expected, atol=1e-6) and not torch.allclose(out[:4], x[:4], atol=0.01)
+    assert torch.equal(purify.purify_rows(x, 0, torch.Generator()), x)
+
+
+def test_training_on_purified_images_is_recorded_and_refuses_bad_settings(tmp_path):
+    from atop_serve.errors import AtopError
+
+    result = _train(tmp_path / "p", epochs=1, purifier="default", purified_fraction=0.5, tta="none")
+    assert result["metrics"]["test_acc_tta_none"] > 0.15  # one epoch on 2,000 images, half of them purified
+    rec = modelio.read_card(tmp_path / "p")["classifier"]["training"]["purifier"]
+    assert rec["folder"] == "default" and rec["fraction"] == 0.5
+    assert rec["sha256"] == modelio.read_card("default")["purifier"]["sha256"] and rec["rt"]["rate"] == 0.1
+    with pytest.raises(AtopError, match="purified-fraction"):
+        _train(tmp_path / "q", purifier="default", purified_fraction=1.5)
+    with pytest.raises(AtopError, match="cannot be combined"):
+        _train(tmp_path / "r", purifier="default", adversarial="n-fgsm")
+
+
 def test_atop_distils_a_new_architecture_from_a_teacher_purifier(tmp_path):
     """--teacher with an --arch of another shape: a fresh student learns to reproduce the teacher's output on
     the same transformed inputs; the card names the teacher; without --teacher that --arch is still refused."""

@@ -16,6 +16,11 @@ Knowledge distillation (``--teacher``, repeatable): the target is ``--distill`` 
 mean logits (no TTA, on the same augmented batch) + the rest x the label-smoothed labels; the student keeps the
 architecture (and so the serving cost) of its own ``--arch``. The card lists the teachers.
 
+Training on purified images (``--purifier FOLDER``): a ``--purified-fraction`` of every batch is replaced by
+g(RT(x)), the folder's frozen purifier applied to a fresh draw of its card's random transform, so the classifier
+learns the images the purified pipeline feeds it as well as clean ones (``Purify``). The card records the purifier
+(folder, architecture, sha256, RT).
+
 Adversarial training (``--adversarial``, the AT baseline of the evaluation's Table 1) trains on examples made
 per batch against the current model (``adversarial_batch``), learns the first conv instead of freezing a
 whitening one, and records its own PGD-10 accuracy in the card.
@@ -63,6 +68,8 @@ class ClassifierConfig:
     stop_after: int = 0  # end this run after N epochs (a time-boxed run; continue with --resume); 0 = no
     teachers: tuple[str, ...] = ()  # model folders whose classifiers (mean logits, no TTA) teach (distillation)
     distill: float = 0.5  # with teachers: weight of the teachers' probabilities in the target (rest: smoothed labels)
+    purifier: str = ""  # model folder whose frozen purifier (and RT) purifies part of every batch; "" = none
+    purified_fraction: float = 0.5  # with purifier: share of each batch replaced by g(RT(x))
     data: str = ""
     device: str = "auto"
     extra: dict = field(default_factory=dict)
@@ -106,6 +113,29 @@ class Teacher(torch.nn.Module):
     @torch.no_grad()
     def forward(self, x):
         return sum(m(x).float() for m in self.members) / len(self.members)
+
+
+class Purify(torch.nn.Module):
+    """A frozen purifier with its RT: ``purify_rows(x, n, gen)`` replaces the first ``n`` rows of a batch by
+    g(RT(x)) on draws from ``gen`` (rows are already in random order, so the purified ones are a random subset)."""
+
+    def __init__(self, folder: str):
+        super().__init__()
+        from atop_serve.transforms import draw_rt_inputs, random_transform
+
+        self.purifier, self.rt = modelio.load_purifier(folder)
+        self.requires_grad_(False).eval()
+        self._draw, self._transform = draw_rt_inputs, random_transform
+
+    @torch.no_grad()
+    def purify_rows(self, x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+        if n <= 0:
+            return x
+        draws = self._draw(self.rt, n, 1, gen).flat()
+        draws = type(draws)(*(t.to(x.device) for t in draws))
+        x_t, mask = self._transform(x[:n].float(), self.rt, draws)
+        purified = self.purifier(x_t.contiguous(memory_format=torch.channels_last), mask).float()
+        return torch.cat([purified, x[n:]]).contiguous(memory_format=torch.channels_last)
 
 
 def soft_targets(teacher_logits: torch.Tensor, y: torch.Tensor, smoothing: float, weight: float) -> torch.Tensor:
@@ -194,6 +224,16 @@ def pgd_accuracy(model, data: Dataset, eps: float, steps: int = 10, batch_size: 
     return correct / len(data)
 
 
+def _frozen_helper(cfg: ClassifierConfig, rt: common.Runtime, option: str, share_option: str, share: float, build):
+    """A frozen network that shapes standard training (``--teacher``, ``--purifier``), built and placed on the device
+    once its settings are checked: not with adversarial training, and its share of the batch or target in (0, 1]."""
+    if cfg.adversarial != "none":
+        raise AtopError(f"{option} is for standard training; it cannot be combined with --adversarial")
+    if not 0 < share <= 1:
+        raise AtopError(f"{share_option} must be in (0, 1], got {share}")
+    return build().to(rt.device, memory_format=torch.channels_last)
+
+
 def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
     rt = common.setup_runtime(cfg.device)
     if cfg.bf16 is None:
@@ -211,13 +251,10 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
         model.init_whiten(whitening_sample(train_set, seed=cfg.seed).images.float() / 255)
         model.whiten.weight.requires_grad_(False)
     model = model.to(rt.device, memory_format=torch.channels_last)
-    teacher = None
-    if cfg.teachers:
-        if cfg.adversarial != "none":
-            raise AtopError("--teacher is for standard training; it cannot be combined with --adversarial")
-        if not 0 < cfg.distill <= 1:
-            raise AtopError(f"--distill must be in (0, 1], got {cfg.distill}")
-        teacher = Teacher(cfg.teachers).to(rt.device, memory_format=torch.channels_last)
+    teacher = _frozen_helper(cfg, rt, "--teacher", "--distill", cfg.distill, lambda: Teacher(cfg.teachers)) \
+        if cfg.teachers else None
+    purify = _frozen_helper(cfg, rt, "--purifier", "--purified-fraction", cfg.purified_fraction,
+                            lambda: Purify(cfg.purifier)) if cfg.purifier else None
     groups = param_groups(model, cfg)
     opt = torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=cfg.momentum, nesterov=True)
     local_bs = cfg.batch_size // rt.world
@@ -256,6 +293,9 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
             x = augment(train_set.images[idx].float().div_(255), gen, cfg.translate)
             x = x.to(rt.device).contiguous(memory_format=torch.channels_last)
             y = train_set.labels[idx].to(rt.device)
+            if purify is not None:
+                with rt.autocast(cfg.bf16):
+                    x = purify.purify_rows(x, round(cfg.purified_fraction * len(idx)), gen)
             if cfg.adversarial != "none":
                 x = adversarial_batch(model, x, y, cfg, gen, rt)
             with rt.autocast(cfg.bf16):
@@ -320,6 +360,11 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
             card["classifier"]["training"]["teachers"] = [
                 {"folder": str(f), **{k: c.get(k) for k in ("arch", "sha256", "metrics")},
                  "command": c.get("training", {}).get("command")} for f, c in entries]
+        if cfg.purifier:  # what the purified share of each batch came from
+            pc = modelio.read_card(cfg.purifier)["purifier"]
+            card["classifier"]["training"]["purifier"] = {
+                "folder": str(cfg.purifier), "fraction": cfg.purified_fraction,
+                **{k: pc.get(k) for k in ("arch", "sha256", "rt")}}
         out.mkdir(parents=True, exist_ok=True)
         card["classifier"]["sha256"] = modelio.save_weights(model, out / modelio.CLASSIFIER_FILE)
         modelio.write_card(out, card)
