@@ -88,6 +88,26 @@ def test_cache_is_used_and_invalidated(tmp_path):
     assert len(list((tmp_path / "cache").glob("train-*.npz"))) == 2
 
 
+def test_concurrent_cache_writers_do_not_collide(tmp_path, monkeypatch):
+    """torchrun's ranks decode a cold cache at once: a rival writing the same cache between this process's
+    write and its rename (simulated here, deterministically) must not make either fail or leave debris."""
+    root = _folder(tmp_path / "ds")
+    real_savez, rivals = np.savez, []
+
+    def savez_with_a_rival(path, **arrays):
+        real_savez(path, **arrays)
+        if not rivals:  # once: another process decodes, writes and renames its own copy into place now
+            rivals.append(None)
+            rivals[0] = load_split(root, "train")
+
+    monkeypatch.setattr(np, "savez", savez_with_a_rival)
+    mine = load_split(root, "train")
+    assert len(rivals) == 1 and torch.equal(mine.images, rivals[0].images)
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(files) == 1 and files[0].startswith("train-") and files[0].count(".") == 1, files
+    assert torch.equal(load_split(root, "train").images, mine.images)  # from the cache now
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "mismatch", "empty-class"])
 def test_errors_name_the_problem(tmp_path, case):
     root = tmp_path / "ds"

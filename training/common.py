@@ -95,7 +95,10 @@ def rank_hashes(model: torch.nn.Module, rt: Runtime) -> list[str]:
 
 
 def teardown(rt: Runtime) -> None:
+    """Leave the process group together: a rank that tore down while rank 0 still evaluated and wrote the
+    card could leave gloo's peer connection closing under rank 0."""
     if rt.world > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

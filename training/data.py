@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import sys
 import tarfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,10 +205,16 @@ def _load_folder(root: Path, split: str, size: int, use_cache: bool) -> Dataset:
     labels = np.array([c for _, c in files], dtype=np.int64)
     images = np.ascontiguousarray(images)
     if use_cache:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez(tmp, images=images, labels=labels)
-        tmp.replace(cache)  # atomic: a killed run never leaves a half-written cache
+        # a name of this process's own: torchrun's ranks decode at once, and each renames its file into place
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.npz")
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, images=images, labels=labels)
+            tmp.replace(cache)  # atomic: a killed run never leaves a half-written cache
+        except OSError as e:  # a full or read-only disk costs the next run a re-decode, never this run's data
+            print(f"warning: could not cache decoded {split} images in {cache.parent}: {e}", file=sys.stderr)
+        finally:
+            tmp.unlink(missing_ok=True)
     return Dataset(torch.from_numpy(images), torch.from_numpy(labels), classes, str(root))
 
 
