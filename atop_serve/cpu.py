@@ -1,4 +1,4 @@
-"""What the serving CPU can do with int8 graphs.
+"""What the CPU can do with int8 graphs (serving) and with bf16 (training and benchmarks).
 
 ONNX Runtime multiplies uint8 activations by int8 weights (U8S8). On x86 CPUs with VNNI (``avx512_vnni``,
 ``avx_vnni``, ``amx_int8``) one instruction sums the products exactly in 32 bits; without it (AVX2 and AVX-512
@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
 
 
@@ -59,3 +60,15 @@ def int8_saturates(machine: str | None = None, flags: frozenset[str] | set[str] 
         return False
     flags = cpu_flags() if flags is None else flags
     return flags is None or not (flags & VNNI_FLAGS)
+
+
+def bf16_native(machine: str | None = None, flags: frozenset[str] | set[str] | None = None) -> bool | None:
+    """Whether an x86 CPU has bf16 instructions (``avx512_bf16`` or ``amx_bf16``); None where that is unknown
+    (another architecture, or flags that cannot be read). Without them PyTorch emulates bf16 matmuls and
+    convolutions: measured on a 2-core AMD EPYC Zen 3 (AVX2 only), airnet training steps ran 8 images/s in bf16
+    autocast against 130 in fp32, and a 2048^3 bf16 matmul 0.3 GFLOP/s against 127 in fp32."""
+    machine = (machine or platform.machine()).lower()
+    if machine not in X86:
+        return None
+    flags = cpu_flags() if flags is None else flags
+    return None if flags is None else bool(flags & BF16_FLAGS)

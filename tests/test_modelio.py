@@ -132,3 +132,20 @@ def test_corrupt_card(random_model_dir, tmp_path):
     (d / "card.json").write_text("{not json")
     with pytest.raises(ModelError, match="corrupt model card"):
         load_pipeline(d)
+
+
+def test_the_shipped_default_model():
+    """What ships in the repository: small, safetensors and ONNX only, the weights the card names (by sha256), a card
+    that agrees with itself about the pipeline's TTA, and a pipeline that loads and classifies."""
+    folder = modelio.DEFAULT_MODEL_DIR
+    files = {p.name: p.stat().st_size for p in folder.iterdir()}
+    assert sum(files.values()) < 25 * 2**20, files
+    assert {p.rsplit(".", 1)[-1] for p in files} <= {"json", "safetensors", "onnx"}, files
+    card = modelio.read_card(folder)
+    for part in ("classifier", "purifier"):
+        assert modelio.sha256(folder / card[part]["file"]) == card[part]["sha256"], part
+    clf = card["classifier"]
+    assert clf["metrics"]["tta_used_by_pipeline"] == clf["tta"]
+    pipe = load_pipeline()
+    logits = pipe(torch.rand(2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    assert logits.shape == (2, len(card["classes"])) and torch.isfinite(logits).all()

@@ -61,7 +61,8 @@ def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast is the faster choice here: on CUDA where the GPU supports it; on a CPU with AMX
     (``amx_bf16``); on an AMD CPU with AVX-512 BF16 (Zen 4 and later), not on an Intel one without AMX.
     Measured, airnet training steps (batch 256, channels_last): an Intel Xeon with avx512_bf16 and no AMX
-    ran 230 images/s in bf16 against 349 in fp32; an AMD EPYC (Zen 4: family 25, model 17) 435 against 252."""
+    ran 230 images/s in bf16 against 349 in fp32; an AMD EPYC (Zen 4: family 25, model 17) 435 against 252; one
+    with no bf16 instructions at all (Zen 3, AVX2 only: ``atop_serve.cpu.bf16_native``) 8 against 130."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     from atop_serve.cpu import cpu_flags, cpu_vendor
