@@ -328,7 +328,7 @@ def bench(
     model: str = typer.Option("default", "--model", help="Model folder with pipeline.onnx (weights, where present, for the PyTorch backends), or 'default': the shipped one."),
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Report folder: report.json, report.md, latency_vs_batch.png, throughput_vs_concurrency.png (docs/bench for the published numbers)."),
     quick: bool = typer.Option(False, "--quick", help="Small sizes and few repeats, under 2 minutes: a smoke run, not numbers to publish."),
-    backends: str = typer.Option("", "--backends", help="Comma-separated subset of torch-fp32, torch-bf16, ort-fp32, ort-opt, ort-cuda-fp32, ort-trt-fp16, torch-trt-fp16 (default: all; those that cannot run here are skipped with the reason)."),
+    backends: str = typer.Option("", "--backends", help="Comma-separated subset of torch-fp32, torch-bf16, ort-fp32, ort-opt, ort-cuda-fp32, ort-trt-fp16, torch-trt-fp16 (default: all; those that cannot run here are skipped with the reason, and so is torch-bf16 on an x86 CPU without bf16 instructions unless named here)."),
     batch_sizes: str = typer.Option("", "--batch-sizes", help="Model-level batch sizes (default 1,8,32,128,256; quick 1,32)."),
     samples: str = typer.Option("", "--samples", help="Purification samples K per image (default 1,4; quick 1)."),
     concurrency: str = typer.Option("", "--concurrency", help="HTTP concurrency levels (default 1,8,32,128; quick 1,8,32)."),
