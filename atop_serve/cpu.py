@@ -66,7 +66,8 @@ def bf16_native(machine: str | None = None, flags: frozenset[str] | set[str] | N
     """Whether an x86 CPU has bf16 instructions (``avx512_bf16`` or ``amx_bf16``); None where that is unknown
     (another architecture, or flags that cannot be read). Without them PyTorch emulates bf16 matmuls and
     convolutions: measured on a 2-core AMD EPYC Zen 3 (AVX2 only), airnet training steps ran 8 images/s in bf16
-    autocast against 130 in fp32, and a 2048^3 bf16 matmul 0.3 GFLOP/s against 127 in fp32."""
+    autocast against 130 in fp32 (one-off timing, not in the repository: batch 256, channels_last, 3 steps after
+    a warm-up), and a 2048^3 bf16 matmul 0.3 GFLOP/s against 127 in fp32 (`atop bench`, docs/benchmarks.md)."""
     machine = (machine or platform.machine()).lower()
     if machine not in X86:
         return None
