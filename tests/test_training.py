@@ -121,6 +121,26 @@ def test_atop_step_changes_only_the_purifier(tmp_path):
     assert pur["atop_earlier"] == [card["purifier"]["atop"]] and pur["atop"]["config"]["lam"] == 0.5
 
 
+def test_atop_after_a_classifier_swap_retires_the_swap_caveat(tmp_path):
+    """``atop pack --classifier`` notes that g was fine-tuned against another classifier; an AToP stage against the
+    swapped-in one makes that note untrue: the card drops it, and the stage records the swap and its classifier."""
+    from export.pack import pack
+    from training.purifier import PurifierConfig, train
+
+    src = make_model_folder(tmp_path / "src", seed=0)
+    other = make_model_folder(tmp_path / "other", seed=1)
+    swapped = pack(src, tmp_path / "swapped", half=False, classifier=other)
+    assert "classifier_swap" in swapped["pipeline"]
+    cfg = PurifierConfig(mode="atop", epochs=1, limit=100, batch_size=100, eval_n=20, data=str(DATA_ROOT), lam=1.0)
+    train(cfg, tmp_path / "out", tmp_path / "swapped", show_progress=False)
+    card = modelio.read_card(tmp_path / "out")
+    assert "classifier_swap" not in card.get("pipeline", {})
+    stage = card["purifier"]["atop"]
+    assert stage["after_classifier_swap"] == swapped["pipeline"]["classifier_swap"]
+    assert stage["classifier"]["sha256"] == modelio.read_card(other)["classifier"]["sha256"] == card["classifier"]["sha256"]
+    assert card["pipeline"] == {k: v for k, v in swapped["pipeline"].items() if k != "classifier_swap"}
+
+
 def test_classification_loss_targets():
     from training.purifier import classification_loss
 

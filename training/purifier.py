@@ -359,6 +359,19 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
     return result
 
 
+def settle_classifier_swap(card: dict, stage: dict) -> dict:
+    """Record in an AToP ``stage`` the classifier it fine-tuned g against (the card's), and retire the card's
+    ``pipeline.classifier_swap`` caveat (``atop pack --classifier``: "g was trained against another classifier"),
+    which no longer holds once g has been fine-tuned against this one; the swap moves into the stage's record."""
+    stage["classifier"] = {k: card["classifier"].get(k) for k in ("arch", "sha256")}
+    pipeline = dict(card.get("pipeline") or {})
+    swap = pipeline.pop("classifier_swap", None)
+    if swap is None:
+        return card
+    stage["after_classifier_swap"] = swap
+    return {**card, "pipeline": pipeline}
+
+
 def _write_folder(cfg, out, clf_source, src_card, g, rt, history, elapsed, acc, n_eval, fresh):
     # the export, the evaluations and the name describe the source's weights, not the ones trained here; its FLOPs
     # count still holds for the same purifier architecture only
@@ -377,6 +390,8 @@ def _write_folder(cfg, out, clf_source, src_card, g, rt, history, elapsed, acc, 
     if cfg.mode == "atop" and "atop" in pur:
         # fine-tuning an already fine-tuned purifier: keep the earlier stages' records (oldest first)
         pur["atop_earlier"] = [*pur.get("atop_earlier", []), pur["atop"]]
+    if cfg.mode == "atop":
+        card = settle_classifier_swap(card, stage)
     pur["pretraining" if cfg.mode == "pretrain" else "atop"] = stage
     pur.setdefault("metrics", {})[f"{cfg.mode}_clean_acc_k1"] = {"value": acc, "n": n_eval, "note": "balanced test subset, K=1, seed 0"}
     pur["sha256"] = modelio.save_weights(g, out / modelio.PURIFIER_FILE)
