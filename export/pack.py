@@ -23,7 +23,8 @@ def pack(src, out: Path, half: bool = True, tta: str | None = None, samples: int
     mirrored image (``pipeline.mirror``), ``rate`` the random transform's mask rate at serving time
     (``purifier.rt.rate``; the training's own rate stays in the purifier's training config), ``classifier``
     another model folder whose classifier (card section and weights) replaces ``src``'s: the purifier stays, and
-    ``pipeline.classifier_swap`` records what it was fine-tuned against; the card's evaluations, which measured
+    ``pipeline.classifier_swap`` records what it was fine-tuned against (until an AToP stage fine-tunes it against the
+new one: ``training.purifier.settle_classifier_swap``); the card's evaluations, which measured
     the replaced pipeline, are dropped. Each changes the served function: measure the packed folder."""
     from atop_serve.config import RTConfig
     from atop_serve.errors import AtopError
