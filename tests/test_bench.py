@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import sys
 import time
 
@@ -193,7 +194,8 @@ def test_quick_bench_writes_report(serving_folder, tmp_path, monkeypatch):
     for heading in ("## Benchmark results", "### Machine", "### Bars", "### Reference", "### Model level",
                     "### HTTP level", "**Batching choice:**"):
         assert heading in md, heading
-    assert "Quick run" in md and "![latency_vs_batch](bench/latency_vs_batch.png)" in md
+    assert "Quick run" in md and "![latency_vs_batch](latency_vs_batch.png)" in md
+    assert all((out / link).is_file() for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md))  # links resolve from report.md
 
 
 def test_bench_drives_a_running_server(serving_folder, server):

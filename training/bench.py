@@ -1287,7 +1287,7 @@ def suggestions(report: dict) -> list[str]:
                          "no quantised kernel)")
         tries += ["a purifier without full-resolution layers (its 32x32 layers have few channels, and its 3-channel "
                   "output convolution fills a sixteenth of the CPU's 16-channel blocks in fp32 and runs no faster in "
-                  "int8: the `gated-unet-s2d` design of README \"Toward the overhead bar\", retrained or distilled)",
+                  "int8: the `gated-unet-s2d` design of docs/model.md, \"Toward the overhead bar\", retrained or distilled)",
                   "fewer or narrower dilated layers",
                   "a larger batch (small batches leave the cores idle between layers)"]
         out.append(
@@ -1470,7 +1470,7 @@ def write_report(report: dict, out: Path) -> dict:
         images.append("throughput_vs_concurrency.png")
     report["files"] = ["report.json", "report.md", *images]
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (out / "report.md").write_text(markdown(report, [f"{out.name}/{i}" for i in images]))
+    (out / "report.md").write_text(markdown(report, images))  # links relative to report.md itself
     return {"out": str(out), "files": report["files"]}
 
 

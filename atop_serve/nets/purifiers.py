@@ -11,7 +11,7 @@ encoder features. Widths are chosen so its forward FLOPs stay below the default 
 the same parameters (weights carry over), and cheaper in int8: ONNX Runtime runs a quantised LeakyReLU as a
 256-entry table, while ELU has no quantised kernel and goes through float. ``gated-unet-paper`` is a wider
 configuration for GPU runs. ``gated-unet-s2d`` drops the full-resolution layers to make purification cheaper
-than classification on a CPU (see its class; trained by distillation from the default, README "Toward the
+than classification on a CPU (see its class; trained by distillation from the default, docs/model.md, "Toward the
 overhead bar").
 """
 from __future__ import annotations
