@@ -1,4 +1,4 @@
-"""The ``atop`` command line: data, train, eval, export, bench. ``atop <command> --help`` for each.
+"""The ``atop`` command line: data, train, eval, record, export, bench. ``atop <command> --help`` for each.
 
 Errors a user can fix (bad path, corrupt file, unknown option) print one line and exit with status 2,
 never a traceback.
@@ -188,6 +188,7 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, help="Report folder: report.json, report.md, plots, per-attack results (resumable)."),
     grid: int = typer.Option(8, help="Images in the clean/adversarial/purified grid."),
     preset: Optional[str] = typer.Option(None, help="table7: the paper's Table 7 grid (clean, FGSM, PGD-10/20/1000, classifier threat) over --model folders and --rt kinds. table1: the paper's Table 1 comparison over --model folders (classifier-only folders bare, purifier folders under the classifier threat; clean, FGSM, PGD-20, l_2 PGD-20, StAdv)."),
+    record: bool = typer.Option(False, "--record", help="Afterwards write the report into the model card's `evaluation` (as `atop record <out>`; needs --out; not with --preset)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ):
     """Accuracy under attack for one threat model, with 95 % intervals; writes a resumable report folder."""
@@ -200,6 +201,9 @@ def eval_cmd(
                      rt=rt, tta=tta, mirror=mirror, source=source, quantize=quantize, seed=seed, bf16=bf16, device=device, data=data,
                      sanity=sanity, eps_sweep=parse_eps_list(eps_sweep), sweep_attack=sweep_attack,
                      sanity_queries=sanity_queries, grid=grid, graph=graph)
+    if record and (out is None or preset is not None):
+        raise AtopError("--record writes the report folder into the card: give --out, and record a preset's row "
+                        "folders one by one with `atop record`")
     if preset is not None:
         if preset not in ("table7", "table1"):
             raise AtopError(f"unknown --preset {preset!r}; valid: table7, table1")
@@ -218,6 +222,28 @@ def eval_cmd(
         typer.echo(table7([None if f == "default" else f for f in folders], cfg, out, rts, show_progress=progress))
         return
     evaluate(None if model == "default" else model, cfg, show_progress=progress, out=out)
+    if record:
+        from training.records import record as record_reports
+
+        written = record_reports(model, [out])
+        typer.echo(f"recorded in {model}'s card as {written[0]['name']!r}", err=True)
+
+
+@app.command()
+def record(
+    reports: list[Path] = typer.Argument(..., help="Report folders written by `atop eval --out` (each holds report.json)."),
+    model: str = typer.Option("default", help="Model folder whose card gets the entries ('default': the shipped one)."),
+    name: Optional[str] = typer.Option(None, help="Entry name (one report only; default: the report folder's name). An entry of that name is replaced."),
+    note: Optional[str] = typer.Option(None, help="A note stored with each entry."),
+):
+    """Write finished `atop eval` reports into a model card's `evaluation`, after checking that each measured this folder's weights and configuration.
+
+    An entry holds the threat, images, K, RT, accuracies with 95 % intervals, the eval command, the machine, the commit and the report's path. A report of other weights, or of this folder before its card's architecture/RT/TTA/K entries changed, is refused with exit status 2 and the card is left unchanged. Overrides the eval applied (--rt, --rate, --samples, ...) are recorded in the entry.
+    """
+    from training.records import record as record_reports
+
+    written = record_reports(model, reports, name=name, note=note)
+    typer.echo(json.dumps({"model": model, "entries": written}, indent=1))
 
 
 @app.command()
@@ -341,6 +367,7 @@ def bench(
     budget: float = typer.Option(0.0, "--budget", help="Wall-clock budget in seconds (default 840; quick 110); cells past it are skipped and say so."),
     data: str = DataOpt,
     seed: int = typer.Option(0, "--seed", help="Seed of the image choice and order."),
+    setting: Optional[list[str]] = typer.Option(None, "--setting", help="ATOP_NAME=value for the servers the HTTP level starts, repeatable (e.g. --setting ATOP_FAST_PATH=0 --setting ATOP_ACCESS_LOG=0: measure a setting); recorded in the report."),
 ):
     """Benchmark every backend (bare classifier vs purified pipeline) and the live HTTP service; write JSON, Markdown and plots.
 
@@ -352,7 +379,8 @@ def bench(
                       batch_sizes=_int_list(batch_sizes, "--batch-sizes"), samples=_int_list(samples, "--samples"),
                       concurrency=_int_list(concurrency, "--concurrency"), requests=requests, level_seconds=level_seconds,
                       batching=_int_list(batching, "--batching"), http=http, url=url, threads=threads, budget_s=budget,
-                      data=data or None, seed=seed, command=" ".join(["atop", *sys.argv[1:]]))
+                      data=data or None, seed=seed, command=" ".join(["atop", *sys.argv[1:]]),
+                      settings=tuple(setting or ()))
     report = run_bench(cfg, log=lambda m: typer.echo(m, err=True))
     files = write_report(report, out)
     typer.echo(json.dumps({**files, "wall_seconds": report["wall_seconds"], "busy": report.get("busy"),

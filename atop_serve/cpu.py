@@ -17,6 +17,9 @@ from pathlib import Path
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 X86 = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+# the features reports name (benchmarks, evaluations): what decides int8, bf16 and vector kernel speed
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
 @lru_cache(maxsize=None)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
+import json
 import logging
 import time
 from typing import Optional
@@ -40,7 +41,8 @@ from .balance import ConnectionBalance
 from .batcher import BatchStats, Overloaded, RowBatcher
 from .engine import View, images_row_seeds, load_engine, mean_over_samples, read_serving_card, row_seeds
 from .errors import ImageError, ModelError
-from .forms import BatchInput, ClassifyInput, PurifyInput, Rejected, Upload
+from .fastpath import ClassifyForm, FastClassify
+from .forms import MAX_SEED, BatchInput, ClassifyInput, PurifyInput, Rejected, Upload
 from .imageio import FORMAT_NAMES, REDUCING_GAP, RESAMPLE, encode_png, open_image, to_pixels
 from .middleware import BodyLimit, ErrorBody
 from .modelio import default_samples
@@ -212,10 +214,7 @@ class AtopService:
     @_busy_is_503
     async def classify(self, image: Upload, samples: Optional[int] = None, seed: Optional[int] = None) -> Classification:
         """Classify one image: label, class id and class probabilities averaged over `samples` purifications."""
-        self._check_seed(seed)
-        samples = samples or DEFAULT_SAMPLES
-        [probs] = await self._probs([await self._decode(image)], samples, seed)
-        return self._classification(probs, samples)
+        return await self._classify(image, samples, seed)
 
     @bentoml.api(route="/classify_batch", input_spec=BatchInput)
     @_busy_is_503
@@ -302,6 +301,13 @@ class AtopService:
         return await self.describe()
 
     # ------------------------------------------------------------------ helpers
+    async def _classify(self, image: Upload, samples: int | None, seed: int | None) -> Classification:
+        """/classify, on either path: the API's, and the fast path's (atop_serve/fastpath.py)."""
+        self._check_seed(seed)
+        samples = samples or DEFAULT_SAMPLES
+        [probs] = await self._probs([await self._decode(image)], samples, seed)
+        return self._classification(probs, samples)
+
     async def describe(self) -> dict:
         engine = self.engine.describe()
         return {**self.card, "serving": {
@@ -318,7 +324,7 @@ class AtopService:
                        "max_request_bytes": SETTINGS.max_request_bytes, "max_pixels": SETTINGS.max_pixels},
             "batching": {"max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms,
                          "workers": SETTINGS.serving_workers(), "threads_per_worker": SETTINGS.threads_per_worker()},
-            "seed_allowed": SETTINGS.allow_seed,
+            "seed_allowed": SETTINGS.allow_seed, "fast_path": SETTINGS.fast_path,
             "attack_demo": {"available": self.bare is not None, **({"reason": self.bare_missing} if self.bare is None
                                                                    else {}),
                             "method": "square", "norm": "linf", "eps_255": demo_attack.EPS_255,
@@ -422,3 +428,31 @@ AtopService.add_asgi_middleware(ConnectionBalance, workers=SETTINGS.serving_work
                                 worker_index=lambda: bentoml.server_context.worker_index)
 AtopService.add_asgi_middleware(ErrorBody)
 AtopService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_request_bytes)
+_JSON_HEADERS = [(b"content-type", b"application/json"), (b"server", b"BentoML Service/atop")]
+
+
+async def _fast_classify(form: ClassifyForm) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """The fast path's /classify (atop_serve/fastpath.py): the API's code, its answer as BentoML would send it."""
+    service: AtopService = bentoml.get_current_service()
+    try:
+        answer = await service._classify(Upload(form.image, form.filename, form.content_type), form.samples, form.seed)
+    except Overloaded as e:  # as _busy_is_503 answers it
+        return 503, [*_JSON_HEADERS, (b"retry-after", b"1")], json.dumps({"error": str(e)}).encode()
+    return 200, _JSON_HEADERS, answer.model_dump_json().encode()
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_path_counter():
+    """This worker's Prometheus counter of the fast path's requests by outcome (answered, fallback)."""
+    import prometheus_client as prom
+
+    counter = prom.Counter("atop_fast_path_requests", "/classify requests the fast path read, by outcome: answered "
+                           "by it, or handed to BentoML's API layer (anything but a plain form, or an error)",
+                           ["outcome"])
+    return lambda outcome: counter.labels(outcome).inc()
+
+
+if SETTINGS.fast_path:  # innermost of the service's middleware: inside the body limit, the balancing, the error shape
+    AtopService.add_asgi_middleware(FastClassify, path="/classify", handler=_fast_classify,
+                                    max_samples=SETTINGS.max_samples, max_seed=MAX_SEED,
+                                    count=lambda outcome: _fast_path_counter()(outcome))

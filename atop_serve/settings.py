@@ -18,6 +18,9 @@
     ATOP_ORT_THREADS         ONNX Runtime intra-op threads per worker (0, the default: usable cores / workers, >= 1)
     ATOP_ACCESS_LOG          1 (default) logs one line per request (BentoML's access log); 0 turns it off (/metrics
                              still counts requests, and rejected requests are still logged)
+    ATOP_FAST_PATH           1 (default): a plain /classify form (an image file, optional samples and seed) is parsed
+                             and answered without BentoML's API layer (atop_serve/fastpath.py), every other request
+                             as before; 0: every request through BentoML's API layer
     ATOP_TRACING             auto (default): BentoML's OpenTelemetry tracing runs only where BentoML's own configuration
                              sets tracing up (BENTOML_CONFIG_OPTIONS, or the file BENTOML_CONFIG names, mentions
                              ``tracing``); otherwise requests skip its middleware, which then exports nothing yet costs
@@ -62,6 +65,7 @@ class Settings:
     workers: int = 0                         # serving processes; 0: one per usable core, at most MAX_AUTO_WORKERS
     ort_threads: int = 0                     # ONNX Runtime threads per worker; 0: usable cores / workers
     access_log: bool = True                  # BentoML's per-request log line
+    fast_path: bool = True                   # plain /classify forms skip BentoML's API layer (atop_serve/fastpath.py)
     tracing: str = "auto"                    # BentoML's OpenTelemetry middleware: auto (where configured), on, off
     providers: tuple[str, ...] = ()          # () = automatic (CUDA if present, then CPU)
     graph: str = "auto"                      # auto: the card's faster CPU variant on CPU, else fp32; fp32; opt

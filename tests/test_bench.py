@@ -129,7 +129,8 @@ def test_quick_bench_writes_report(serving_folder, tmp_path, monkeypatch):
     out = tmp_path / "bench"
     args = ["bench", "--quick", "--model", str(serving_folder), "--out", str(out),
             "--backends", "torch-fp32,ort-fp32,ort-opt,ort-cuda-fp32", "--batch-sizes", "1,4", "--samples", "1,2",
-            "--concurrency", "1,4", "--requests", "8", "--level-seconds", "5", "--threads", "1", "--budget", "900"]
+            "--concurrency", "1,4", "--requests", "8", "--level-seconds", "5", "--threads", "1", "--budget", "900",
+            "--setting", "ATOP_FAST_PATH=0"]
     result = CliRunner().invoke(atop_cli.app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output[-3000:]
     summary = json.loads(result.stdout[result.stdout.index("{"):])
@@ -178,6 +179,7 @@ def test_quick_bench_writes_report(serving_folder, tmp_path, monkeypatch):
     http = r["http"]
     [run] = http["runs"]
     assert run["max_batch_size"] == Settings().max_batch_size and run["server"]["backend"] == "onnxruntime"
+    assert http["settings"] == {"ATOP_FAST_PATH": "0"} and run["server"]["fast_path"] is False  # --setting reached it
     assert [lv["concurrency"] for lv in run["levels"]] == [1, 4]
     for lv in run["levels"]:
         assert lv["sent"] > 0 and lv["errors"] == 0 and lv["requests_per_s"] > 0 and lv["latency_ok"]["p50_ms"] > 0
@@ -194,7 +196,7 @@ def test_quick_bench_writes_report(serving_folder, tmp_path, monkeypatch):
     for heading in ("## Benchmark results", "### Machine", "### Bars", "### Reference", "### Model level",
                     "### HTTP level", "**Batching choice:**"):
         assert heading in md, heading
-    assert "Quick run" in md and "![latency_vs_batch](latency_vs_batch.png)" in md
+    assert "`ATOP_FAST_PATH=0`" in md and "Quick run" in md and "![latency_vs_batch](latency_vs_batch.png)" in md
     assert all((out / link).is_file() for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", md))  # links resolve from report.md
 
 
@@ -218,6 +220,9 @@ def test_bench_drives_a_running_server(serving_folder, server):
     (["--batch-sizes", "1,many"], "--batch-sizes must be comma-separated integers"),
     (["--batching", "0"], "--batching"),
     (["--url", "http://example.com:3000"], "only talks to this machine"),
+    (["--setting", "ATOP_NOPE=1"], "no such setting"),
+    (["--setting", "ATOP_FAST_PATH=maybe"], "not a valid bool"),
+    (["--setting", "FAST_PATH"], "write ATOP_NAME=value"),
 ])
 def test_bench_usage_errors_are_one_line(args, message, monkeypatch, capsys):
     import atop_cli

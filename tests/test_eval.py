@@ -353,3 +353,79 @@ def test_bad_arguments_exit_2_with_one_line(args, msg, monkeypatch, capsys, tmp_
     code, _, err = _cli(monkeypatch, capsys, *base, *args)
     assert code == 2
     assert msg in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_record_writes_measured_reports_into_the_card(tmp_path, png_data, monkeypatch, capsys):
+    """`atop record`: a report of these weights becomes a card entry; other weights, a changed card or a report
+    without a fingerprint are refused (exit 2, card unchanged); recording keeps the fingerprint, so a copy of the
+    folder resumes the same evaluation."""
+    import shutil
+
+    from atop_serve import modelio
+    from training.evaluate import folder_fingerprint
+
+    model = make_model_folder(tmp_path / "model", tta="none")
+    out = tmp_path / "reports" / "r-clean"
+    args = ["eval", "--model", str(model), "--attacks", "clean,fgsm", "--n", "10", "--data", str(png_data),
+            "--out", str(out), "--no-progress", "--device", "cpu"]
+    code, _, err = _cli(monkeypatch, capsys, *args)
+    assert code in (0, None), err
+    rep = json.loads((out / "report.json").read_text())
+    before = folder_fingerprint(model)
+    assert rep["fingerprint"]["model"] == before and set(before["weights"]) == {modelio.CLASSIFIER_FILE,
+                                                                                modelio.PURIFIER_FILE}
+
+    code, stdout, err = _cli(monkeypatch, capsys, "record", str(out), "--model", str(model), "--note", "a test")
+    assert code in (0, None), err
+    assert json.loads(stdout)["entries"][0]["name"] == "r-clean"
+    card = modelio.read_card(model)
+    entry = card["evaluation"]["r-clean"]
+    assert entry["accuracy"]["fgsm"]["value"] == rep["results"]["fgsm"]["accuracy"]
+    assert entry["accuracy"]["clean"]["ci95"] == rep["results"]["clean"]["ci95"]
+    assert entry["command"].startswith("atop eval --model") and entry["threat"] == "classifier" and entry["n"] == 10
+    assert entry["samples"] == rep["samples"] and entry["note"] == "a test" and entry["attack_gradients"] == "fp32"
+    assert entry["machine"].startswith(rep["machine"]["device"]) and entry["report"].endswith("report.json")
+    assert folder_fingerprint(model) == before  # records are not part of what was measured
+    # `atop eval --record` does the same in one command, replacing the entry (here: a resumed run, recorded under the folder's name)
+    code, _, err = _cli(monkeypatch, capsys, *args, "--record")
+    assert code in (0, None) and "recorded" in err and "r-clean" in modelio.read_card(model)["evaluation"], err
+    assert "note" not in modelio.read_card(model)["evaluation"]["r-clean"]
+
+    # a copy of the folder is the same model: its evaluation resumes every attack, and its card takes the report
+    copy = tmp_path / "copy"
+    shutil.copytree(model, copy)
+    code, _, err = _cli(monkeypatch, capsys, *[str(copy) if a == str(model) else a for a in args])
+    assert code in (0, None), err
+    assert all(r["resumed"] for r in json.loads((out / "report.json").read_text())["results"].values())
+
+    # other weights: refused, card unchanged
+    other = make_model_folder(tmp_path / "other", seed=1, tta="none")
+    card_bytes = (other / modelio.CARD).read_bytes()
+    code, _, err = _cli(monkeypatch, capsys, "record", str(out), "--model", str(other))
+    assert code == 2 and "did not measure the weights" in err and len(err.strip().splitlines()) == 1, err
+    assert (other / modelio.CARD).read_bytes() == card_bytes
+
+    # the same weights, but the card now prescribes another test-time augmentation
+    card = modelio.read_card(copy)
+    card["classifier"]["tta"] = "flip"
+    modelio.write_card(copy, card)
+    code, _, err = _cli(monkeypatch, capsys, "record", str(out), "--model", str(copy))
+    assert code == 2 and "another configuration" in err, err
+
+    # a report made before fingerprints existed, a folder that is no report, two reports under one --name
+    rep.pop("fingerprint")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "report.json").write_text(json.dumps(rep))
+    for bad, msg in (([str(old)], "no model fingerprint"), ([str(tmp_path)], "report.json is missing"),
+                     ([str(out), str(out), "--name", "x"], "--name names one entry"),
+                     (["--out"], "--record writes")):
+        if bad == ["--out"]:  # `atop eval --record` without --out
+            code, _, err = _cli(monkeypatch, capsys, "eval", "--model", str(model), "--record", "--no-progress")
+            assert code == 2 and "--record writes" in err, err
+            continue
+        code, _, err = _cli(monkeypatch, capsys, "record", *bad, "--model", str(model))
+        assert code == 2 and msg in err, (bad, err)
+    (old / "report.json").write_text("{not json")
+    code, _, err = _cli(monkeypatch, capsys, "record", str(old), "--model", str(model))
+    assert code == 2 and "corrupt report" in err, err

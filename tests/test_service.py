@@ -262,6 +262,34 @@ def test_accuracy_equals_offline_graph(server, det_folder):
     assert (served == offline).mean() >= 0.95  # same function: only float rounding of near-ties may differ
 
 
+def _fast_path_counts(server) -> dict[str, float]:
+    counts = {"answered": 0.0, "fallback": 0.0}
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        for outcome in counts:
+            if line.startswith(f'atop_fast_path_requests_total{{outcome="{outcome}"}}'):
+                counts[outcome] += float(line.split()[-1])
+    return counts
+
+
+def test_fast_path_answers_as_the_full_path(server, images):
+    """A plain /classify form is answered by the fast path (atop_serve/fastpath.py) with what BentoML's API layer
+    answers (reached here by a chunked upload, which the fast path never reads); a form it does not take is handed
+    on and gets the API's error; /metrics counts both outcomes."""
+    request = httpx.Request("POST", server.url + "/classify", files={"image": ("a.png", png(images[2]), "image/png")},
+                            data={"samples": "3"})
+    body, headers = request.read(), {"content-type": request.headers["content-type"]}
+    before = _fast_path_counts(server)
+    fast = server.post("/classify", content=body, headers=headers)
+    full = server.post("/classify", content=iter([body]), headers=headers)  # no length: chunked, the full path
+    assert fast.status_code == full.status_code == 200, (fast.text, full.text)
+    assert fast.json() == full.json() and fast.json()["samples"] == 3
+    assert fast.headers["content-type"] == full.headers["content-type"] == "application/json"
+    bad = server.post("/classify", files={"image": ("a.png", GOOD)}, data={"samples": "0"})
+    assert bad.status_code == 400 and "samples" in bad.json()["error"]
+    after = _fast_path_counts(server)
+    assert after["answered"] - before["answered"] == 1 and after["fallback"] - before["fallback"] == 1, (before, after)
+
+
 def test_server_never_crashed(server):
     log = server.log.read_text()
     assert "Traceback" not in log, log[-3000:]

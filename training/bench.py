@@ -27,7 +27,7 @@ import platform
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from atop_serve import modelio
 from atop_serve.config import RTConfig, draw_rt_inputs_numpy
-from atop_serve.cpu import bf16_native, cpu_flags
+from atop_serve.cpu import CPU_FLAGS, bf16_native, cpu_flags
 from atop_serve.errors import AtopError, ModelError
 
 from . import loadgen
@@ -47,8 +47,6 @@ CPU_BACKENDS = ("torch-fp32", "torch-bf16", "ort-fp32", "ort-opt")
 GPU_BACKENDS = ("ort-cuda-fp32", "ort-trt-fp16", "torch-trt-fp16")
 BACKENDS = CPU_BACKENDS + GPU_BACKENDS
 TTA_PASSES = {"none": 1, "flip": 2, "flip-translate": 6}
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-             "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 BARS = {"throughput_images_per_s": 1000.0, "overhead_at_batch": 32, "overhead_max": 2.0, "http_concurrency": 32,
         "http_share_min": 0.5, "cores": 2}
 
@@ -128,6 +126,7 @@ class BenchConfig:
     data: str | None = None
     seed: int = 0
     command: str = ""
+    settings: tuple[str, ...] = ()  # ATOP_NAME=value for the servers the HTTP level starts (e.g. ATOP_FAST_PATH=0)
 
     def preset(self) -> Preset:
         base = QUICK if self.quick else FULL
@@ -147,6 +146,26 @@ class BenchConfig:
                 raise AtopError(f"--{name.replace('_s', '').replace('_', '-')} must be >= 0 (0: the default)")
         if self.url:
             loadgen.check_local(self.url)
+        self.server_env()
+
+    def server_env(self) -> dict[str, str]:
+        """--setting values as environment variables, checked as the service would read them."""
+        from atop_serve.settings import Settings
+
+        env: dict[str, str] = {}
+        for item in self.settings:
+            name, eq, value = item.partition("=")
+            if not eq or not re.fullmatch(r"ATOP_[A-Z_]+", name):
+                raise AtopError(f"--setting {item!r}: write ATOP_NAME=value (docs/service.md lists the settings)")
+            if name in ("ATOP_MODEL", "ATOP_MAX_BATCH_SIZE"):
+                raise AtopError(f"--setting {name}: the bench sets it (--model, --batching)")
+            if name.lower()[5:] not in {f.name for f in fields(Settings)}:
+                raise AtopError(f"--setting {name}: no such setting (docs/service.md lists them)")
+            env[name] = value
+        if env and self.url:
+            raise AtopError("--setting applies to the servers the bench starts; a server at --url has its own")
+        Settings.from_env(env)  # a bad value fails here, clearly, not in a server's log
+        return env
 
 
 class Clock:
@@ -1024,10 +1043,12 @@ def http_level(cfg: BenchConfig, preset: Preset, folder: Path, work: Path, deadl
     """Start a server per batching candidate (or use ``cfg.url``), drive it at each concurrency, choose the batching."""
     from atop_serve import settings as settings_mod
 
-    defaults = settings_mod.Settings()
+    extra = cfg.server_env()
+    defaults = settings_mod.Settings.from_env(extra)
     payloads, source = loadgen.load_images(cfg.data, n=preset.http_images, seed=cfg.seed)
     out: dict = {"images": source, "endpoint": "/classify", "samples": 1, "client": "training.loadgen (aiohttp.ClientSession, "
-                 "one task per in-flight request, on this machine: it shares the CPU with the server)", "runs": []}
+                 "one task per in-flight request, on this machine: it shares the CPU with the server)", "runs": [],
+                 "settings": extra}
     candidates = [None] if cfg.url else list(preset.batching or (defaults.max_batch_size,))
     latency_ms = defaults.max_latency_ms
     levels = list(preset.concurrency)
@@ -1038,7 +1059,7 @@ def http_level(cfg: BenchConfig, preset: Preset, folder: Path, work: Path, deadl
             out["runs"].append({"max_batch_size": mbs, "skipped": f"time budget ({left:.0f} s left, about {need} s needed)"})
             continue
         run: dict = {"max_batch_size": mbs, "max_latency_ms": latency_ms if mbs else None, "levels": []}
-        env = {"ATOP_MAX_BATCH_SIZE": str(mbs), "ATOP_MAX_LATENCY_MS": str(latency_ms)} if mbs else {}
+        env = {"ATOP_MAX_LATENCY_MS": str(latency_ms), **extra, "ATOP_MAX_BATCH_SIZE": str(mbs)} if mbs else {}
         try:
             if cfg.url:
                 run["server"] = _server_info(cfg.url)
@@ -1071,7 +1092,7 @@ def _server_info(url: str) -> dict:
 
     try:
         meta = httpx.get(url + "/metadata", timeout=30, trust_env=False).json()["serving"]
-        return {k: meta.get(k) for k in ("backend", "providers", "batching", "limits", "versions")}
+        return {k: meta.get(k) for k in ("backend", "providers", "batching", "limits", "versions", "fast_path")}
     except Exception as e:  # noqa: BLE001
         return {"error": f"{type(e).__name__}: {e}"[:200]}
 
@@ -1574,7 +1595,9 @@ def markdown(r: dict, images: list[str]) -> str:
     if http:
         L += ["", "### HTTP level", "", f"`bentoml serve` on 127.0.0.1, `{http['endpoint']}` with one image per request "
               f"(K = {http['samples']}); images: {http['images']}; client: {http['client']}. Each level stops at its "
-              f"request count or time limit. Client CPU: the share of one core the load generator itself used.", "",
+              f"request count or time limit. Client CPU: the share of one core the load generator itself used."
+              + (f" Server settings besides the batching: {', '.join(f'`{k}={v}`' for k, v in http['settings'].items())}."
+                 if http.get("settings") else ""), "",
               "| max_batch_size | concurrency | requests/s | p50 ms | p95 ms | p99 ms | errors | sent | accuracy "
               "| share of best model level | client CPU |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for run in http["runs"]:

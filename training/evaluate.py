@@ -35,6 +35,7 @@ from torch import nn
 
 from atop_serve import modelio
 from atop_serve.config import RT_KINDS, RTConfig
+from atop_serve.cpu import CPU_FLAGS, cpu_flags
 from atop_serve.errors import AtopError
 from atop_serve.transforms import RTInputs, draw_rt_inputs
 
@@ -282,9 +283,17 @@ _NOT_IN_FINGERPRINT = {"attacks", "eps", "alpha", "restarts", "eot", "sanity", "
                        "sanity_queries", "grid", "grid_attack", "device", "source"}
 
 
+# card entries that record what was measured of a model rather than define it (`atop record` writes them)
+CARD_RECORDS = ("name", "evaluation", "evaluation_of_earlier_weights", "export", "flops")
+
+
 def folder_fingerprint(folder: Path) -> dict:
-    card = Path(folder) / modelio.CARD
-    return {"path": str(Path(folder).resolve()), "card_sha256": hashlib.sha256(card.read_bytes()).hexdigest()}
+    """What a model folder's predictions depend on: its weights' sha256 and its card less the records, so that
+    recording an evaluation into the card (`atop record`) or copying the folder elsewhere keeps it."""
+    card = modelio.read_card(folder)
+    defining = json.dumps({k: v for k, v in card.items() if k not in CARD_RECORDS}, sort_keys=True)
+    return {"card_sha256": hashlib.sha256(defining.encode()).hexdigest(),
+            "weights": {p.name: modelio.sha256(p) for p in sorted(Path(folder).glob("*.safetensors"))}}
 
 
 @dataclass
@@ -366,6 +375,9 @@ def load_models(folder, cfg: EvalConfig) -> Models:
 def machine() -> dict:
     info = {"device": common.hardware(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
+    flags = cpu_flags()
+    if flags is not None and not torch.cuda.is_available():
+        info["cpu_flags"] = [f for f in CPU_FLAGS if f in flags]
     if torch.cuda.is_available():
         info["cuda"] = torch.version.cuda
         info["gpu_count"] = torch.cuda.device_count()
@@ -623,6 +635,7 @@ def run_eval(models: Models, test: Dataset, cfg: EvalConfig, out: Path | None = 
         "wall_seconds": round(time.perf_counter() - t_start, 2),
         "compute_seconds": round(sum(r["seconds"] for r in results.values()), 2),
         "machine": machine(), "command": common.command_line(), "git_commit": common.git_commit(),
+        "fingerprint": models.fingerprint,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "classes": test.classes, "data": test.source,
     }
     if out is not None:
