@@ -141,9 +141,16 @@ def _busy_is_503(endpoint):
         try:
             return await endpoint(*args, **kwargs)
         except Overloaded as e:
-            return JSONResponse({"error": str(e)}, status_code=503, headers={"Retry-After": "1"})
+            return JSONResponse(_busy_body(e), status_code=503, headers=BUSY_HEADERS)
 
     return answer
+
+
+BUSY_HEADERS = {"Retry-After": "1"}  # of every 503 for a missed batching deadline, on either /classify path
+
+
+def _busy_body(e: Overloaded) -> dict:
+    return {"error": str(e)}
 
 
 @functools.lru_cache(maxsize=1)
@@ -437,7 +444,8 @@ async def _fast_classify(form: ClassifyForm) -> tuple[int, list[tuple[bytes, byt
     try:
         answer = await service._classify(Upload(form.image, form.filename, form.content_type), form.samples, form.seed)
     except Overloaded as e:  # as _busy_is_503 answers it
-        return 503, [*_JSON_HEADERS, (b"retry-after", b"1")], json.dumps({"error": str(e)}).encode()
+        busy = [(k.lower().encode(), v.encode()) for k, v in BUSY_HEADERS.items()]
+        return 503, [*_JSON_HEADERS, *busy], json.dumps(_busy_body(e)).encode()
     return 200, _JSON_HEADERS, answer.model_dump_json().encode()
 
 

@@ -133,6 +133,7 @@ def test_verified_on_real_test_images(exported):
     assert images["labelled"] and "'test'" in images["source"]
 
 
+@needs_data()  # the robust gate attacks labelled test images
 def test_cpu_variant_recorded(exported):
     ex = exported["card"]["export"]
     rec = ex["cpu_variant"]
@@ -155,6 +156,7 @@ def test_cpu_variant_recorded(exported):
         assert not (exported["out"] / modelio.OPT_ONNX_FILE).exists()
 
 
+@needs_data()  # the robust gate attacks labelled test images
 def test_variant_gate_checks_robust_accuracy(exported, pipeline, tmp_path, monkeypatch):
     """With a tolerance no candidate can meet, the int8 candidate is rejected on both gates, robust included;
     the int8 graph keeps the layers at the image and class ends in fp32."""
