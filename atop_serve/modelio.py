@@ -35,14 +35,19 @@ def resolve(path=None) -> Path:
     return p
 
 
+def read_json(p: Path, what: str, error: type[Exception] = ModelError):
+    """The JSON in file ``p``; a file that is not JSON raises ``error`` naming ``what`` and the file."""
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"corrupt {what} {p}: {e}") from None
+
+
 def read_card(path=None) -> dict:
     p = resolve(path) / CARD
     if not p.exists():
         raise ModelError(f"{p.parent} is not a model folder: {CARD} is missing")
-    try:
-        card = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"corrupt model card {p}: {e}") from None
+    card = read_json(p, "model card")
     if not isinstance(card, dict) or "classifier" not in card or "classes" not in card:
         raise ModelError(f"model card {p} lacks the 'classifier' or 'classes' entry")
     return card

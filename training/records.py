@@ -9,7 +9,6 @@ recorded card still matches its reports, and resumed evaluations stay valid.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -26,10 +25,7 @@ def read_report(folder: Path) -> dict:
     path = Path(folder) / REPORT
     if not path.is_file():
         raise AtopError(f"{folder} is not an `atop eval` report folder: {REPORT} is missing")
-    try:
-        report = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AtopError(f"corrupt report {path}: {e}") from None
+    report = modelio.read_json(path, "report", AtopError)
     missing = [k for k in ("threat", "n", "results", "command") if not isinstance(report, dict) or k not in report]
     if missing:
         raise AtopError(f"{path} is not an `atop eval` report: no {missing[0]!r} entry")
