@@ -147,6 +147,7 @@ def _busy_is_503(endpoint):
 
 
 BUSY_HEADERS = {"Retry-After": "1"}  # of every 503 for a missed batching deadline, on either /classify path
+_BUSY_ASGI_HEADERS = [(k.lower().encode(), v.encode()) for k, v in BUSY_HEADERS.items()]  # the fast path's form
 
 
 def _busy_body(e: Overloaded) -> dict:
@@ -444,8 +445,7 @@ async def _fast_classify(form: ClassifyForm) -> tuple[int, list[tuple[bytes, byt
     try:
         answer = await service._classify(Upload(form.image, form.filename, form.content_type), form.samples, form.seed)
     except Overloaded as e:  # as _busy_is_503 answers it
-        busy = [(k.lower().encode(), v.encode()) for k, v in BUSY_HEADERS.items()]
-        return 503, [*_JSON_HEADERS, *busy], json.dumps(_busy_body(e)).encode()
+        return 503, [*_JSON_HEADERS, *_BUSY_ASGI_HEADERS], json.dumps(_busy_body(e)).encode()
     return 200, _JSON_HEADERS, answer.model_dump_json().encode()
 
 
