@@ -23,7 +23,7 @@ import numpy as np
 from .config import RTConfig, draw_rt_inputs_numpy
 from .cpu import int8_saturates
 from .errors import ModelError
-from .modelio import ONNX_FILE, OPT_ONNX_FILE, check_external_data, read_card
+from .modelio import ONNX_FILE, OPT_ONNX_FILE, check_external_data, mirrored, read_card
 
 OUTPUTS = ("probs", "logits", "purified", "transformed", "mask")
 View = Literal["purified", "transformed", "mask"]  # the output images a row can return
@@ -53,6 +53,17 @@ def mean_over_samples(row_probs: np.ndarray, samples: int) -> np.ndarray:
     return np.asarray(row_probs, dtype=np.float64).reshape(-1, samples, row_probs.shape[-1]).mean(1)
 
 
+def sample_rows(images: np.ndarray, samples: int, mirror: bool = False) -> np.ndarray:
+    """Images uint8 (N, S, S, 3) -> their K samples' rows (N*K, S, S, 3), image-major. With ``mirror`` (the card's
+    ``pipeline.mirror``) the odd-numbered samples (k = 1, 3, ...) get the image mirrored left-right: what
+    ``PurifiedClassifier.views`` does inside the graph for (N, K) inputs, done here because a row is a K = 1 call."""
+    rows = np.repeat(images, samples, axis=0)
+    if mirror and samples > 1:
+        odd = np.arange(len(rows)) % samples % 2 == 1
+        rows[odd] = rows[odd][:, :, ::-1]
+    return rows
+
+
 def rows_draws(rt: RTConfig, seeds: Sequence[int]) -> dict[str, np.ndarray]:
     """The draws of rows (one sample each), stacked: leading dims (len(seeds), 1, V)."""
     per_row = [draw_rt_inputs_numpy(rt, 1, 1, np.random.default_rng(s)) for s in seeds]
@@ -80,6 +91,7 @@ class Engine:
 
     def __init__(self, folder: Path, card: dict, rt: RTConfig):
         self.folder, self.card, self.rt, self.classes = folder, card, rt, list(card["classes"])
+        self.mirror = mirrored(card)  # odd-numbered samples see the mirrored image (sample_rows)
 
     def run(self, images: np.ndarray, draws: dict, outputs: Sequence[str]) -> dict[str, np.ndarray]:
         """images float32 (N, 3, S, S) in [0, 1] and draws (N, K, V, ...) -> the named graph outputs."""
@@ -101,7 +113,7 @@ class Engine:
     def classify(self, images: np.ndarray, samples: int = 1, seeds: Sequence[int | None] | None = None) -> np.ndarray:
         """In-process classification as the service does it: uint8 (N, S, S, 3) -> mean class probabilities (N, C)."""
         seeds = seeds if seeds is not None else [None] * len(images)
-        probs, _ = self.predict_rows(np.repeat(images, samples, axis=0), images_row_seeds(seeds, samples))
+        probs, _ = self.predict_rows(sample_rows(images, samples, self.mirror), images_row_seeds(seeds, samples))
         return mean_over_samples(probs, samples)
 
     def describe(self) -> dict:

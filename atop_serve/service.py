@@ -39,7 +39,8 @@ from starlette.routing import Route
 from . import __version__, demo_attack, settings, web
 from .balance import ConnectionBalance
 from .batcher import BatchStats, Overloaded, RowBatcher
-from .engine import View, images_row_seeds, load_engine, mean_over_samples, read_serving_card, row_seeds
+from .engine import (View, images_row_seeds, load_engine, mean_over_samples, read_serving_card, row_seeds,
+                     sample_rows)
 from .errors import ImageError, ModelError
 from .fastpath import ClassifyForm, FastClassify
 from .forms import MAX_SEED, BatchInput, ClassifyInput, PurifyInput, Rejected, Upload
@@ -245,7 +246,7 @@ class AtopService:
         """The purified 32x32 image g(RT(x)) as PNG; view=transformed gives RT(x), view=mask the RT mask."""
         self._check_seed(seed)
         pixels = await self._decode(image)
-        _, [picture] = await self._rows([pixels], row_seeds(seed, 1), [view])
+        _, [picture] = await self._rows(self._array([pixels]), row_seeds(seed, 1), [view])
         return Image.fromarray(picture)
 
     @bentoml.api(route="/inspect", input_spec=ClassifyInput)
@@ -258,8 +259,8 @@ class AtopService:
         pixels = await self._decode(image)
         seeds = row_seeds(seed, samples)  # the three views of a sample share its seed, hence its draws
         kinds = ("transformed", "mask", "purified")
-        row_probs, pictures = await self._rows([pixels] * (3 * samples), [s for s in seeds for _ in kinds],
-                                               list(kinds) * samples)
+        rows = np.repeat(sample_rows(self._array([pixels]), samples, self.engine.mirror), len(kinds), axis=0)
+        row_probs, pictures = await self._rows(rows, [s for s in seeds for _ in kinds], list(kinds) * samples)
         views, probs = [], []
         for i in range(samples):
             transformed, mask, purified = pictures[3 * i : 3 * i + 3]
@@ -362,14 +363,19 @@ class AtopService:
             raise Rejected(f"{where}{e}", e.http_status) from None
 
     async def _probs(self, pixels: list[bytes], samples: int, seed: int | None) -> list[np.ndarray]:
-        """Mean class probabilities of each image over `samples` purifications, each with its own draws."""
+        """Mean class probabilities of each image over `samples` purifications, each with its own draws (and the
+        odd-numbered ones on the mirrored image where the card says so)."""
         seeds = images_row_seeds([seed] * len(pixels), samples)
-        probs, _ = await self._rows([p for p in pixels for _ in range(samples)], seeds)
+        probs, _ = await self._rows(sample_rows(self._array(pixels), samples, self.engine.mirror), seeds)
         return list(mean_over_samples(probs, samples))
 
-    async def _rows(self, pixels: list[bytes], seeds: list[int], views: list[str | None] = ()):
-        """Rows (decoded image bytes, seed, optional view) through this worker's batcher -> (probs, pictures)."""
-        images = np.frombuffer(b"".join(pixels), np.uint8).reshape(len(pixels), self.size, self.size, 3)
+    def _array(self, pixels: list[bytes]) -> np.ndarray:
+        """Decoded images (bytes of uint8 size x size x 3 each) -> one uint8 array (N, size, size, 3)."""
+        return np.frombuffer(b"".join(pixels), np.uint8).reshape(len(pixels), self.size, self.size, 3)
+
+    async def _rows(self, images: np.ndarray, seeds: list[int], views: list[str | None] = ()):
+        """Rows (uint8 images (R, size, size, 3), a seed each, optional views) through this worker's batcher ->
+        (probs, pictures)."""
         return await self.batcher.run(images, seeds, views)
 
     async def _attack(self, image: np.ndarray, seed: int | None) -> tuple[np.ndarray, demo_attack.AttackResult]:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from atop_serve import modelio
 from atop_serve.config import RTConfig, draw_rt_inputs_numpy
-from atop_serve.engine import OnnxEngine, TorchEngine, load_engine, request_draws, row_seeds
+from atop_serve.engine import OnnxEngine, TorchEngine, load_engine, request_draws, row_seeds, sample_rows
 from atop_serve.errors import AtopError, ModelError
 from atop_serve.settings import Settings, model_tag
 
@@ -333,9 +333,16 @@ def test_overload_is_503_with_the_reason(det_folder, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ in process: engine
-def test_engine_rows_equal_graph_for_a_seed(rt_folder):
-    engine = load_engine(rt_folder, threads=1)
-    assert isinstance(engine, OnnxEngine) and engine.rt.kind == "rt2"
+@pytest.mark.parametrize("mirror", [False, True])
+def test_engine_rows_equal_graph_for_a_seed(rt_folder, mirror):
+    """The service's rows (one K = 1 call per sample) give what the graph gives for (N=1, K) with the request's
+    draws, mirrored samples included: the engine flips the odd-numbered samples' rows when the card says so. The
+    mirrored case runs the shipped model's fp32 graph (its card sets pipeline.mirror): trained weights, whose
+    answers for an image and its mirror differ by far more than the tolerance (random weights give near-uniform
+    probabilities that hide a missing flip)."""
+    folder, graph = (modelio.resolve("default"), "fp32") if mirror else (rt_folder, "auto")
+    engine = load_engine(folder, threads=1, graph=graph)
+    assert isinstance(engine, OnnxEngine) and engine.rt.kind == "rt2" and engine.mirror is mirror
     pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     probs = engine.classify(pixels, samples=3, seeds=[5, 6, 7])
     x = pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255.0
@@ -343,6 +350,17 @@ def test_engine_rows_equal_graph_for_a_seed(rt_folder):
         draws = request_draws(engine.rt, seed, 3)
         feed = {"images": x[i : i + 1], **{n: draws[n] for n in engine.input_names if n != "images"}}
         assert np.abs(engine.session.run(["probs"], feed)[0][0] - probs[i]).max() < 1e-5
+
+
+def test_sample_rows_mirror_the_odd_samples():
+    images = np.arange(2 * 2 * 3 * 3, dtype=np.uint8).reshape(2, 2, 3, 3)
+    rows = sample_rows(images, 4, mirror=True)
+    assert rows.shape == (8, 2, 3, 3)
+    for r in range(8):
+        image = images[r // 4]
+        assert np.array_equal(rows[r], image[:, ::-1] if r % 4 % 2 else image)
+    assert np.array_equal(sample_rows(images, 3), np.repeat(images, 3, axis=0))
+    assert np.array_equal(sample_rows(images, 1, mirror=True), images)
 
 
 def test_draws_are_fresh_unless_seeded(rt_folder):
