@@ -1,11 +1,12 @@
-"""The ``atop`` command line: data, train, eval, record, export, bench. ``atop <command> --help`` for each.
+"""The ``atop`` command line: data, train, eval, record, export, classify, bench. ``atop <command> --help`` for each.
 
-Errors a user can fix (bad path, corrupt file, unknown option) print one line and exit with status 2,
-never a traceback.
+Errors a user can fix (bad path, corrupt file, unknown option) print one line and exit with status 2, never a traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -279,6 +280,80 @@ def export(
     typer.echo(json.dumps(summary, indent=1))
 
 
+@app.command()
+def classify(
+    paths: list[Path] = typer.Argument(..., help="Image files, and folders searched recursively for image files (.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, ...).", show_default=False),
+    model: str = typer.Option("default", "--model", help="Serving folder (card.json + pipeline.onnx, from `atop export`), or 'default': the shipped one."),
+    samples: int = typer.Option(0, "--samples", min=0, max=256, help="Purifications K averaged per image (0: the card's recommended K)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Reproducible draws: the service's answer for this seed (default: fresh draws per image, as the service)."),
+    fmt: str = typer.Option("table", "--format", help="table (label, probability, file), csv (every class probability) or jsonl (the service's answer plus the file)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the results to this file (complete or not at all: an earlier file is replaced only when the run finishes) instead of standard output."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Images per engine call (each K rows)."),
+    graph: str = typer.Option("auto", "--graph", help="auto (the card's faster CPU variant where this CPU runs it exactly, else fp32), fp32 or opt: as the service's ATOP_GRAPH."),
+    threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime threads (0: all cores)."),
+    progress: bool = ProgressOpt,
+):
+    """Classify image files on disk with the purified pipeline: no server and no torch (a serving install runs it).
+
+    Each file is decoded and classified as the service's /classify would (same resize, engine and draws). A file that cannot be read gets a row with its error and the rest are still classified; the exit status is then 1 (2 for a bad option, path or model folder, 0 when every file was classified).
+    """
+    import time
+
+    from atop_serve import modelio
+    from atop_serve.engine import load_engine
+    from atop_serve.offline import FORMATS, AtomicFile, Writer, classify_files, find_images
+    from atop_serve.settings import GRAPH_CHOICES
+
+    if fmt not in FORMATS:
+        raise AtopError(f"--format {fmt!r}: valid: {', '.join(FORMATS)}")
+    if graph not in GRAPH_CHOICES:
+        raise AtopError(f"--graph {graph!r}: valid: {', '.join(GRAPH_CHOICES)}")
+    files = find_images(paths)
+    target = AtomicFile(out) if out is not None else None  # checks --out before the model loads
+    engine = load_engine(modelio.resolve(model), threads, graph=graph)
+    k = samples or modelio.default_samples(engine.card)
+    start, failed = time.perf_counter(), 0
+    with _progress(progress, len(files)) as advance, (target or _stdout()) as stream:
+        writer = Writer(stream, fmt, engine.classes, k)
+        for r in classify_files(engine, files, k, seed, batch_size):
+            writer.write(r)
+            failed += bool(r.error)
+            advance()
+    seconds = time.perf_counter() - start
+    info = engine.describe()
+    typer.echo(f"{len(files) - failed} of {len(files)} files classified"
+               f"{f', {failed} could not be read' if failed else ''} in {seconds:.1f} s "
+               f"({len(files) / seconds:.0f} files/s; K = {k}; {info['backend']} {info.get('graph', 'eager')})"
+               + (f"; results in {out}" if out is not None else ""), err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+class _stdout:
+    """Standard output as a context manager that is flushed, not closed, on exit."""
+
+    def __enter__(self):
+        return sys.stdout
+
+    def __exit__(self, *exc):
+        sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, total: int):
+    """A progress bar on standard error (when it is a terminal) for ``total`` items; yields advance()."""
+    if not (enabled and sys.stderr.isatty()):
+        yield lambda: None
+        return
+    from rich.console import Console
+    from rich.progress import MofNCompleteColumn, Progress
+
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), console=Console(stderr=True),
+                  transient=True) as bar:
+        task = bar.add_task("classifying", total=total)
+        yield lambda: bar.advance(task)
+
+
 def _sweep(param: str, model: str, values: str, attacks: str, threat: str, n: int, samples, batch_size: int,
            seed: int, data: str, out: Path, progress: bool) -> None:
     from training.evaluate import EvalConfig
@@ -396,6 +471,9 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except BrokenPipeError:  # the reader of standard output went away (`atop classify ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail again
+        sys.exit(1)
 
 
 if __name__ == "__main__":

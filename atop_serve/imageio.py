@@ -53,7 +53,7 @@ def open_image(data: bytes) -> Image.Image:
         fmt = sniff(data)
         if fmt:
             raise CorruptImage(f"the file starts like a {fmt} image but cannot be read: truncated or damaged") from None
-        raise NotAnImage(f"the file is not an image this service reads ({FORMAT_NAMES} expected)") from None
+        raise NotAnImage(f"the file is not an image in a format atop-serve reads ({FORMAT_NAMES})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # the warning, if made an error
         raise ImageTooLarge(f"the image has too many pixels: {e}") from None
     except Exception as e:  # noqa: BLE001  (a damaged header can raise anything inside a decoder)
