@@ -82,6 +82,8 @@ class SampleView(BaseModel):
     purified: str = Field(description="g(RT(x)): a 32x32 PNG as a data: URL.")
     label: str = Field(description="This sample's predicted class.")
     probability: float = Field(description="This sample's probability of that class.")
+    mirrored: bool = Field(description="Whether this sample saw the image mirrored left-right (the card's "
+                                       "pipeline.mirror: the odd-numbered samples).")
 
 
 class Inspection(Classification):
@@ -268,7 +270,8 @@ class AtopService:
             probs.append(p)
             views.append(SampleView(transformed=self._png_url(transformed), mask=self._png_url(mask),
                                     purified=self._png_url(purified), label=self.classes[int(p.argmax())],
-                                    probability=round(float(p.max()), 6)))
+                                    probability=round(float(p.max()), 6),
+                                    mirrored=self.engine.mirror and i % 2 == 1))
         answer = self._classification(mean_over_samples(np.array(probs), samples)[0], samples)
         return Inspection(**answer.model_dump(), input=self._png_url(pixels), views=views)
 

@@ -14,6 +14,7 @@ import base64
 import concurrent.futures
 import io
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from atop_serve import demo_attack, modelio, web
 from atop_serve.demo_attack import BareClassifier, perturbation_picture, square_attack, square_side
 from atop_serve.errors import ModelError
 
-from tests._server import png, serve
+from tests._server import export_folder, png, serve
 
 WEB_ENV = {
     "ATOP_MAX_REQUEST_BYTES": str(1024 * 1024), "ATOP_MAX_SAMPLES": "4", "ATOP_ALLOW_SEED": "1",
@@ -38,8 +39,18 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 
 
 @pytest.fixture(scope="module")
-def server(det_folder, tmp_path_factory):
-    with serve(det_folder, WEB_ENV, tmp_path_factory.mktemp("bentoml-web")) as running:
+def web_folder(det_folder, tmp_path_factory) -> Path:
+    """det_folder with the card's pipeline.mirror set, as the shipped model has it, re-exported."""
+    folder = shutil.copytree(det_folder, tmp_path_factory.mktemp("web") / "mirrored")
+    card = modelio.read_card(folder)
+    card["pipeline"]["mirror"] = True
+    modelio.write_card(folder, card)
+    return export_folder(folder)
+
+
+@pytest.fixture(scope="module")
+def server(web_folder, tmp_path_factory):
+    with serve(web_folder, WEB_ENV, tmp_path_factory.mktemp("bentoml-web")) as running:
         yield running
 
 
@@ -113,15 +124,15 @@ def test_inspect(server, sample):
     assert np.allclose(list(body["probabilities"].values()), list(api["probabilities"].values()), atol=1e-5)
     pixels = np.asarray(Image.open(sample).convert("RGB"))
     assert np.array_equal(picture(body["input"]), pixels)
-    assert len(body["views"]) == 3
-    for v in body["views"]:
-        assert np.array_equal(picture(v["transformed"]), pixels)  # RT(x) = x with the transform off
+    assert [v["mirrored"] for v in body["views"]] == [False, True, False]  # the card's pipeline.mirror
+    for v in body["views"]:  # RT(x) = x with the transform off, mirrored for the odd-numbered sample
+        assert np.array_equal(picture(v["transformed"]), pixels[:, ::-1] if v["mirrored"] else pixels)
         assert not picture(v["mask"]).any() and picture(v["purified"]).shape == (32, 32, 3)
-        assert v["label"] == body["label"] and 0 < v["probability"] <= 1
+        assert v["label"] in CLASSES and 0 < v["probability"] <= 1
 
 
 # ------------------------------------------------------------------------------------------ /attack_demo
-def test_attack_demo(server, det_folder, sample):
+def test_attack_demo(server, web_folder, sample):
     data = sample.read_bytes()
     r = server.post("/attack_demo", files={"image": ("s.png", data)}, data={"samples": "2", "seed": "5"})
     assert r.status_code == 200, r.text
@@ -138,7 +149,7 @@ def test_attack_demo(server, det_folder, sample):
     assert 0 < np.abs(adv - x).max() == info["linf_255"] <= 8  # inside the l_inf ball, exact 8-bit pixels
     assert np.array_equal(picture(a["images"]["perturbation"]), perturbation_picture(x, adv))
     # the bare classifier's answers are classifier.onnx's; the purified ones the pipeline's (/classify)
-    bare = BareClassifier(det_folder, modelio.read_card(det_folder), threads=1)
+    bare = BareClassifier(web_folder, modelio.read_card(web_folder), threads=1)
     assert a["bare"]["clean"]["class_id"] == int(bare.logits(x[None].astype(np.uint8))[0].argmax())
     assert a["bare"]["adversarial"]["class_id"] == int(bare.logits(adv[None].astype(np.uint8))[0].argmax())
     assert a["fooled"] == (a["bare"]["adversarial"]["class_id"] != a["bare"]["clean"]["class_id"])
@@ -367,7 +378,8 @@ def test_page_in_chromium(server, sample, tmp_path):
             assert k == server.get("/metadata").json()["serving"]["limits"]["default_samples"]  # the page starts at the model's K
             api = server.post("/classify", files={"image": ("u.png", upload.read_bytes())}, data={"samples": str(k)})
             assert page.inner_text("#label") == api.json()["label"]
-            assert page.locator("#bars .bar").count() == 10 and page.locator("#views .view").count() == k
+            assert page.locator("#bars .bar").count() == 10 and page.locator("#views .view").count() == k == 2
+            assert page.locator("#views .view").nth(1).inner_text().startswith("sample 2 (mirrored)")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
 
             # the attack demo, side by side

@@ -119,7 +119,7 @@ function render(answer) {
   answer.views.forEach((v, i) => {
     const pic = (src, alt) => el("img", { class: "pixel small-pixel", src, alt });
     views.append(el("div", { class: "view" }, [
-      el("div", { class: "small", text: `sample ${i + 1}` }),
+      el("div", { class: "small", text: `sample ${i + 1}${v.mirrored ? " (mirrored)" : ""}` }),
       el("div", { class: "triple" }, [pic(v.transformed, "RT(x)"), pic(v.mask, "mask"), pic(v.purified, "g(RT(x))")]),
       el("div", { class: "small captions", text: "RT(x) · mask · g(RT(x))" }),
       el("div", { class: "small" }, [el("b", { text: v.label }), ` ${pct(v.probability)}`]),
