@@ -41,6 +41,25 @@ def make_model_folder(path: Path, seed: int = 0, rt_kind: str = "rt2", sigma: fl
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads_baseline() -> int:
+    """torch's thread count when the session starts (set up before any other fixture: autouse, session scope)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads(_torch_threads_baseline):
+    """torch.set_num_threads is process-wide: tests and fixtures that pin one thread (export, the eager engine, the
+    eval tests) would otherwise slow every later test; the training tests ran at half speed behind such a pin."""
+    yield
+    import torch
+
+    if torch.get_num_threads() != _torch_threads_baseline:
+        torch.set_num_threads(_torch_threads_baseline)
+
+
 @pytest.fixture(scope="session")
 def random_model_dir(tmp_path_factory) -> Path:
     return make_model_folder(tmp_path_factory.mktemp("model") / "random")
