@@ -182,6 +182,7 @@ def eval_cmd(
     mirror: Optional[bool] = typer.Option(None, "--mirror/--no-mirror", help="Override the card's pipeline.mirror (odd-numbered purification samples on the mirrored image).", show_default=False),
     quantize: bool = typer.Option(False, help="Round adversarial images to 8 bits as the service does (BPDA gradients)."),
     graph: str = typer.Option("torch", help="What scores the images: torch (eager pipeline), onnx (the folder's pipeline.onnx, as served) or opt (pipeline.opt.onnx, the faster CPU variant). Attacks take gradients in PyTorch either way."),
+    url: Optional[str] = typer.Option(None, "--url", help="Score with a running service of this model folder instead (e.g. http://127.0.0.1:3000): adversarial images rounded to 8 bits and sent as PNG to /classify_batch; the server's own fresh draws. Checks that it serves the folder's weights."),
     seed: int = typer.Option(0, help="Seed for the subset, random starts and RT draws."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="Attack gradients under bf16 autocast (default: where it is faster: CUDA, a CPU with AMX, or an AMD CPU with AVX-512 BF16); accuracy is always fp32.", show_default=False),
     device: str = DeviceOpt,
@@ -201,7 +202,7 @@ def eval_cmd(
                      alpha=parse_number(alpha) if alpha is not None else None, restarts=restarts, sigma=sigma, rate=rate,
                      rt=rt, tta=tta, mirror=mirror, source=source, quantize=quantize, seed=seed, bf16=bf16, device=device, data=data,
                      sanity=sanity, eps_sweep=parse_eps_list(eps_sweep), sweep_attack=sweep_attack,
-                     sanity_queries=sanity_queries, grid=grid, graph=graph)
+                     sanity_queries=sanity_queries, grid=grid, graph=graph, url=url)
     if record and (out is None or preset is not None):
         raise AtopError("--record writes the report folder into the card: give --out, and record a preset's row "
                         "folders one by one with `atop record`")

@@ -262,6 +262,38 @@ def test_accuracy_equals_offline_graph(server, det_folder):
     assert (served == offline).mean() >= 0.95  # same function: only float rounding of near-ties may differ
 
 
+@needs_data()
+def test_eval_scores_the_running_service(server, det_folder, tmp_path):
+    """`atop eval --url`: the service's answers for 8-bit images equal the eager pipeline's (RT off here), in
+    chunks of the server's image limit; the report says the service scored it; other weights are refused."""
+    import torch
+
+    from training.evaluate import EvalConfig, ServiceScorer, evaluate
+
+    card = modelio.read_card(det_folder)
+    scorer = ServiceScorer(server.url, card, samples=2)
+    assert scorer.max_images == 8
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (11, 3, 32, 32)).astype(np.float32) / 255)
+    pipe = modelio.load_pipeline(det_folder, samples=2)
+    from atop_serve.transforms import draw_rt_inputs
+
+    with torch.no_grad():  # RT is off in this folder: any draws give the same answer
+        eager = pipe.run(x, draw_rt_inputs(pipe.transform, len(x), 2, torch.Generator().manual_seed(0)))["probs"]
+    assert torch.allclose(scorer(x), eager, atol=1e-5)
+    report = evaluate(det_folder, EvalConfig(attacks=("clean", "fgsm"), n=20, batch_size=10, url=server.url,
+                                              data=str(DATA_ROOT)), show_progress=False, out=tmp_path / "r")
+    assert report["fingerprint"]["service"]["backend"] == "onnxruntime" and report["samples"] == 2
+    assert all(0 <= r["accuracy"] <= 1 for r in report["results"].values())
+    assert f"the running service at {server.url}" in (tmp_path / "r" / "report.md").read_text()
+    other = {**card, "purifier": {**card["purifier"], "sha256": "0" * 64}}
+    with pytest.raises(AtopError, match="other purifier weights"):
+        ServiceScorer(server.url, other, samples=2)
+    with pytest.raises(AtopError, match="at most 4"):
+        ServiceScorer(server.url, card, samples=5)
+    with pytest.raises(AtopError, match="no atop service"):
+        ServiceScorer("http://127.0.0.1:9", card, samples=2)
+
+
 def _fast_path_counts(server) -> dict[str, float]:
     counts = {"answered": 0.0, "fallback": 0.0}
     for line in httpx.get(server.url + "/metrics").text.splitlines():

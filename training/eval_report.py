@@ -23,6 +23,18 @@ def _fmt_params(p: dict) -> str:
     return ", ".join(parts)
 
 
+def scored_by(report: dict) -> str:
+    """What turned the (adversarial) images into predictions: the eager pipeline, an exported graph, or a service."""
+    fp, cfg = report.get("fingerprint") or {}, report["config"]
+    if cfg.get("url"):
+        s = fp.get("service") or {}
+        return (f"the running service at {cfg['url']} (model {s.get('model')}, {s.get('backend')} {s.get('graph')}, "
+                f"variant {s.get('variant')}; images rounded to 8 bits, sent as PNG; its own fresh draws)")
+    if cfg.get("graph", "torch") != "torch":
+        return f"the exported graph {(fp.get('graph') or {}).get('file')} under ONNX Runtime (same draws as PyTorch)"
+    return "the eager PyTorch pipeline" if report.get("rt") else "the eager PyTorch classifier"
+
+
 def markdown(report: dict, images: list[str]) -> str:
     m = report["machine"]
     lines = [f"# Robustness of `{report['model']}`", "",
@@ -37,6 +49,7 @@ def markdown(report: dict, images: list[str]) -> str:
               f"K = {report.get('samples') or cfg['samples']} purification(s) per prediction"
               + (", the odd-numbered ones on the mirrored image" if report.get("mirror") else "")
               + f", TTA {report.get('tta')}",
+              f"- scored by: {scored_by(report)}",
               f"- machine: {m['device']} (torch {m['torch']}); wall time {report['wall_seconds']} s "
               f"(attacks computed this run or earlier: {report['compute_seconds']} s)",
               f"- command: `{report['command']}`", "",

@@ -274,6 +274,7 @@ class EvalConfig:
     sweep_attack: str = "pgd-20"
     sanity_queries: int = 5000  # Square queries in the sanity check
     graph: str = "torch"  # what scores the (adversarial) images: torch, onnx (pipeline.onnx) or opt (pipeline.opt.onnx)
+    url: str | None = None  # score with a running service of the same folder instead (ServiceScorer)
     grid: int = 8  # images in the clean/adversarial/purified grid
     grid_attack: str | None = None  # attack shown in the grid (default: the strongest)
 
@@ -303,7 +304,7 @@ class Models:
     source: nn.Module | None = None  # transfer source
     name: str = ""
     fingerprint: dict = field(default_factory=dict)
-    served: object = None  # GraphScorer: scores with the exported graph instead of the eager pipeline
+    served: object = None  # GraphScorer or ServiceScorer: scores instead of the eager pipeline
 
 
 GRAPHS = {"torch": None, "onnx": modelio.ONNX_FILE, "opt": modelio.OPT_ONNX_FILE}
@@ -327,6 +328,49 @@ class GraphScorer:
         d = {k: v.detach().cpu().float().numpy() for k, v in draws._asdict().items()}
         probs = self.session.run(["probs"], feed_for(self.names, x.detach().cpu().float().numpy(), d))[0]
         return torch.from_numpy(probs).to(x.device)
+
+
+class ServiceScorer:
+    """A running service of the same model folder (``--url``): each (adversarial) image is rounded to 8 bits (an
+    attacker sends pixels; rounding stays inside an l_inf ball around 8-bit images), sent as PNG to
+    /classify_batch with K samples, and scored by the service's answer, drawn with its own fresh randomness: the
+    deployed service end to end, HTTP, decoding and batching included. Attacks take gradients in PyTorch on the
+    local folder, which must hold the weights the server serves (checked against /metadata)."""
+
+    def __init__(self, url: str, card: dict, samples: int, timeout_s: float = 120.0):
+        import httpx
+
+        self.url, self.samples, self.classes = url.rstrip("/"), samples, list(card["classes"])
+        self.client = httpx.Client(timeout=timeout_s, trust_env=False)
+        try:
+            meta = self.client.get(self.url + "/metadata").json()
+        except (httpx.HTTPError, ValueError) as e:
+            raise AtopError(f"--url {url}: no atop service answers there ({type(e).__name__}: {e})") from None
+        for part in ("classifier", "purifier"):
+            want, got = card[part].get("sha256"), (meta.get(part) or {}).get("sha256")
+            if want is None or want != got:
+                raise AtopError(f"--url {url} serves other {part} weights than the model folder (sha256 {got} vs "
+                                f"{want}): attack and score the same model")
+        limits = (meta.get("serving") or {}).get("limits") or {}
+        self.max_images = int(limits.get("max_images", 1))
+        if samples > int(limits.get("max_samples", samples)):
+            raise AtopError(f"--samples {samples}: the server allows at most {limits['max_samples']}")
+        self.serving = {k: meta["serving"].get(k) for k in ("model", "backend", "graph", "variant")}
+
+    def __call__(self, x: torch.Tensor, draws: RTInputs | None = None) -> torch.Tensor:
+        """Images (N, 3, H, W) in [0, 1] -> the service's class probabilities (N, C); ``draws`` are not used."""
+        from atop_serve.imageio import encode_png
+
+        pixels = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        probs = []
+        for start in range(0, len(pixels), self.max_images):
+            files = [("images", (f"{start + i}.png", encode_png(p), "image/png"))
+                     for i, p in enumerate(pixels[start:start + self.max_images])]
+            r = self.client.post(self.url + "/classify_batch", files=files, data={"samples": str(self.samples)})
+            if r.status_code != 200:
+                raise AtopError(f"--url {self.url}: /classify_batch answered {r.status_code}: {r.text[:300]}")
+            probs += [[a["probabilities"][c] for c in self.classes] for a in r.json()]
+        return torch.tensor(probs, device=x.device)
 
 
 def load_models(folder, cfg: EvalConfig) -> Models:
@@ -369,6 +413,14 @@ def load_models(folder, cfg: EvalConfig) -> Models:
                             "cannot change it")
         served = GraphScorer(path, torch.get_num_threads())
         fp["graph"] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if cfg.url:
+        if pipeline is None:
+            raise AtopError("--url needs a purified pipeline (not the bare threat)")
+        if any(v is not None for v in (cfg.sigma, cfg.rt, cfg.rate, cfg.tta, cfg.mirror)):
+            raise AtopError("--url scores the service as it runs: --sigma, --rate, --rt, --tta and --mirror cannot "
+                            "change it")
+        served = ServiceScorer(cfg.url, modelio.read_card(folder), pipeline.samples)
+        fp["service"] = {"url": cfg.url, **served.serving}
     return Models(classifier, pipeline, source, str(folder), fp, served)
 
 
@@ -667,6 +719,10 @@ def validate(cfg: EvalConfig) -> None:
         raise AtopError("--threat transfer needs --source <model folder> (the model the examples are crafted on)")
     if cfg.graph not in GRAPHS:
         raise AtopError(f"unknown --graph {cfg.graph!r}; valid: {', '.join(GRAPHS)}")
+    if cfg.url is not None and cfg.graph != "torch":
+        raise AtopError("--url and --graph each choose what scores the images: give one")
+    if cfg.url is not None and not cfg.url.startswith(("http://", "https://")):
+        raise AtopError(f"--url must be http://host:port or https://..., got {cfg.url!r}")
     for name in ("samples", "attack_samples"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise AtopError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
