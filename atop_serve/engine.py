@@ -6,7 +6,9 @@ PyTorch pipeline when torch is installed.
 
 Rows. The service's unit of work is a row: one image with one purification sample. A request for K samples of
 an image becomes K rows whose class probabilities are averaged, exactly what the graph computes for (N=1, K),
-so rows of requests with different K batch into one call. Each row draws its RT inputs from its own seed:
+so rows of requests with different K batch into one call. Where the card sets ``pipeline.mirror``, the
+odd-numbered rows of a request hold the mirrored image (``sample_rows``), as the graph's own (N, K) layout does.
+Each row draws its RT inputs from its own seed:
 ``draw_rt_inputs_numpy(rt, 1, 1, default_rng(row_seed))``; the K row seeds of a request come from
 ``row_seeds(seed, K)``: from OS entropy when ``seed`` is None (fresh, unpredictable draws: the default),
 reproducibly from ``seed`` otherwise (``request_draws`` gives the same draws in graph layout (1, K, ...)).
