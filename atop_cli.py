@@ -292,6 +292,7 @@ def classify(
     batch_size: int = typer.Option(32, "--batch-size", min=1, max=4096, help="Images per engine call (each K rows)."),
     graph: str = typer.Option("auto", "--graph", help="auto (the card's faster CPU variant where this CPU runs it exactly, else fp32), fp32 or opt: as the service's ATOP_GRAPH."),
     threads: int = typer.Option(0, "--threads", min=0, help="ONNX Runtime threads (0: all cores)."),
+    score: bool = typer.Option(False, "--score", help="Files sit in folders named after their class (e.g. ../shared/data/cifar10-jpeg/test/cat/0000.jpg): also print the top-1 accuracy against those names."),
     progress: bool = ProgressOpt,
 ):
     """Classify image files on disk with the purified pipeline: no server and no torch (a serving install runs it).
@@ -302,7 +303,7 @@ def classify(
 
     from atop_serve import modelio
     from atop_serve.engine import load_engine
-    from atop_serve.offline import FORMATS, AtomicFile, Writer, classify_files, find_images
+    from atop_serve.offline import FORMATS, AtomicFile, FolderScore, Writer, classify_files, find_images
     from atop_serve.settings import GRAPH_CHOICES
 
     if fmt not in FORMATS:
@@ -314,11 +315,14 @@ def classify(
     engine = load_engine(modelio.resolve(model), threads, graph=graph)
     k = samples or modelio.default_samples(engine.card)
     start, failed = time.perf_counter(), 0
+    scores = FolderScore(engine.classes) if score else None
     with _progress(progress, len(files)) as advance, (target or _stdout()) as stream:
         writer = Writer(stream, fmt, engine.classes, k)
         for r in classify_files(engine, files, k, seed, batch_size):
             writer.write(r)
             failed += bool(r.error)
+            if scores is not None:
+                scores.add(r)
             advance()
     seconds = time.perf_counter() - start
     info = engine.describe()
@@ -326,6 +330,8 @@ def classify(
                f"{f', {failed} could not be read' if failed else ''} in {seconds:.1f} s "
                f"({len(files) / seconds:.0f} files/s; K = {k}; {info['backend']} {info.get('graph', 'eager')})"
                + (f"; results in {out}" if out is not None else ""), err=True)
+    if scores is not None:
+        typer.echo(scores.summary(), err=True)
     if failed:
         raise typer.Exit(1)
 

@@ -89,6 +89,34 @@ def classify_files(engine: Engine, files: Sequence[Path], samples: int, seed: in
         yield from results
 
 
+class FolderScore:
+    """Top-1 accuracy against class folders: a file in a folder named after a class (``test/cat/1.png``) is
+    labelled with that class; files elsewhere, and files that could not be read, are counted apart."""
+
+    def __init__(self, classes: Sequence[str]):
+        self.classes = list(classes)
+        self.correct = self.labelled = self.unlabelled = self.unreadable = 0
+
+    def add(self, r: Result) -> None:
+        label = Path(r.file).parent.name
+        if r.probs is None:
+            self.unreadable += 1
+        elif label not in self.classes:
+            self.unlabelled += 1
+        else:
+            self.labelled += 1
+            self.correct += self.classes[int(np.argmax(r.probs))] == label
+
+    def summary(self) -> str:
+        if not self.labelled:
+            return (f"no classified file sits in a folder named after a class ({', '.join(self.classes)}): "
+                    "nothing to score")
+        others = [f"{n} {what}" for n, what in ((self.unlabelled, "outside a class folder"),
+                                                (self.unreadable, "unreadable")) if n]
+        return (f"accuracy against the class folders: {100 * self.correct / self.labelled:.2f} % "
+                f"({self.correct} of {self.labelled})" + (f"; not scored: {', '.join(others)}" if others else ""))
+
+
 class Writer:
     """Results -> a stream as an aligned table (for people), CSV or JSON lines (for programs)."""
 

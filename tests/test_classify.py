@@ -108,3 +108,24 @@ def test_atomic_file_keeps_the_old_file_when_writing_fails(tmp_path):
     assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["r.jsonl"]
     with pytest.raises(DataError, match="is a folder"):
         AtomicFile(tmp_path)
+
+
+def test_score_against_class_folders(tmp_path):
+    """--score: files in folders named after a class are scored against that name (the summary agrees with the
+    rows); files elsewhere and unreadable ones are counted apart."""
+    rng = np.random.default_rng(1)
+    for folder, n in (("cat", 3), ("ship", 2), ("misc", 1)):
+        (tmp_path / "set" / folder).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "set" / folder / f"{i}.png")
+    (tmp_path / "set" / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    r = atop("classify", tmp_path / "set", "--format", "jsonl", "--seed", 0, "--score")
+    assert r.returncode == 1, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    labelled = [row for row in rows if "label" in row and Path(row["file"]).parent.name in ("cat", "ship")]
+    correct = sum(row["label"] == Path(row["file"]).parent.name for row in labelled)
+    assert len(labelled) == 5
+    assert (f"accuracy against the class folders: {100 * correct / 5:.2f} % ({correct} of 5); not scored: "
+            "1 outside a class folder, 1 unreadable") in r.stderr
+    r = atop("classify", tmp_path / "set" / "misc", "--score")
+    assert r.returncode == 0 and "nothing to score" in r.stderr
