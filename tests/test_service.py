@@ -292,6 +292,9 @@ def test_eval_scores_the_running_service(server, det_folder, tmp_path):
         ServiceScorer(server.url, card, samples=5)
     with pytest.raises(AtopError, match="no atop service"):
         ServiceScorer("http://127.0.0.1:9", card, samples=2)
+    scorer.url = "http://127.0.0.1:9"  # the server goes away mid-run: a clear error, not a traceback
+    with pytest.raises(AtopError, match="/classify_batch failed"):
+        scorer(x[:1])
 
 
 def _fast_path_counts(server) -> dict[str, float]:

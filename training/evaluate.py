@@ -359,6 +359,8 @@ class ServiceScorer:
 
     def __call__(self, x: torch.Tensor, draws: RTInputs | None = None) -> torch.Tensor:
         """Images (N, 3, H, W) in [0, 1] -> the service's class probabilities (N, C); ``draws`` are not used."""
+        import httpx
+
         from atop_serve.imageio import encode_png
 
         pixels = (x.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -366,7 +368,10 @@ class ServiceScorer:
         for start in range(0, len(pixels), self.max_images):
             files = [("images", (f"{start + i}.png", encode_png(p), "image/png"))
                      for i, p in enumerate(pixels[start:start + self.max_images])]
-            r = self.client.post(self.url + "/classify_batch", files=files, data={"samples": str(self.samples)})
+            try:
+                r = self.client.post(self.url + "/classify_batch", files=files, data={"samples": str(self.samples)})
+            except httpx.HTTPError as e:
+                raise AtopError(f"--url {self.url}: /classify_batch failed ({type(e).__name__}: {e})") from None
             if r.status_code != 200:
                 raise AtopError(f"--url {self.url}: /classify_batch answered {r.status_code}: {r.text[:300]}")
             probs += [[a["probabilities"][c] for c in self.classes] for a in r.json()]
@@ -401,6 +406,10 @@ def load_models(folder, cfg: EvalConfig) -> Models:
             for p in m.parameters():
                 p.requires_grad_(False)
     served = None
+    overrides = (cfg.sigma, cfg.rt, cfg.rate, cfg.tta, cfg.mirror)
+    if (cfg.graph != "torch" or cfg.url) and any(v is not None for v in overrides):
+        what = "--url scores the service as it runs" if cfg.url else "--graph scores the exported graph as built"
+        raise AtopError(f"{what}: --sigma, --rate, --rt, --tta and --mirror cannot change it")
     if cfg.graph != "torch":
         path = folder / GRAPHS[cfg.graph]
         if pipeline is None:
@@ -408,17 +417,11 @@ def load_models(folder, cfg: EvalConfig) -> Models:
         if not path.exists():
             raise AtopError(f"--graph {cfg.graph}: {path} does not exist (make it with `atop export`"
                             + (" --variants int8)" if cfg.graph == "opt" else ")"))
-        if any(v is not None for v in (cfg.sigma, cfg.rt, cfg.rate, cfg.tta, cfg.mirror)):
-            raise AtopError("--graph scores the exported graph as built: --sigma, --rate, --rt, --tta and --mirror "
-                            "cannot change it")
         served = GraphScorer(path, torch.get_num_threads())
         fp["graph"] = {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
     if cfg.url:
         if pipeline is None:
             raise AtopError("--url needs a purified pipeline (not the bare threat)")
-        if any(v is not None for v in (cfg.sigma, cfg.rt, cfg.rate, cfg.tta, cfg.mirror)):
-            raise AtopError("--url scores the service as it runs: --sigma, --rate, --rt, --tta and --mirror cannot "
-                            "change it")
         served = ServiceScorer(cfg.url, modelio.read_card(folder), pipeline.samples)
         fp["service"] = {"url": cfg.url, **served.serving}
     return Models(classifier, pipeline, source, str(folder), fp, served)
