@@ -1,4 +1,4 @@
-"""The ``atop`` command line: data, train, eval, record, export, classify, bench. ``atop <command> --help`` for each.
+"""The ``atop`` command line: data, train, eval, record, card, export, classify, pack, sweep-*, bench. ``atop <command> --help`` for each.
 
 Errors a user can fix (bad path, corrupt file, unknown option) print one line and exit with status 2, never a traceback.
 """
@@ -246,6 +246,30 @@ def record(
 
     written = record_reports(model, reports, name=name, note=note)
     typer.echo(json.dumps({"model": model, "entries": written}, indent=1))
+
+
+@app.command()
+def card(
+    model: str = typer.Option("default", "--model", help="Model folder ('default': the shipped one)."),
+    check: bool = typer.Option(False, "--check", help="Write nothing; exit 1 if MODEL_CARD.md is missing or differs from what card.json renders to."),
+):
+    """Render a model folder's card.json into MODEL_CARD.md, its card for people (every command that writes a card writes both; this re-renders folders made before that).
+
+    No torch: a serving install runs it.
+    """
+    from atop_serve import modelcard, modelio
+
+    folder = modelio.resolve(None if model == "default" else model)
+    page = folder / modelcard.FILE
+    card_ = modelio.read_card(folder)
+    text = modelcard.render(card_)
+    if check:
+        if not page.is_file() or page.read_text() != text:
+            typer.echo(f"{page} is {'stale' if page.is_file() else 'missing'}: run `atop card --model {model}`", err=True)
+            raise typer.Exit(1)
+        typer.echo(f"{page} is up to date")
+        return
+    typer.echo(f"wrote {modelcard.write(folder, card_)}")
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """Model folders: ``card.json`` + safetensors weights (+ the exported ``pipeline.onnx``).
 
     <folder>/card.json               architectures, classes, RT config, provenance, measured metrics
+    <folder>/MODEL_CARD.md           the card rendered for people (``modelcard``), written with it
     <folder>/classifier.safetensors  classifier weights
     <folder>/purifier.safetensors    purifier weights (absent in a classifier-only folder)
     <folder>/pipeline.onnx           the exported graph (``atop export``), plus optional pipeline.opt.onnx
@@ -53,12 +54,22 @@ def read_card(path=None) -> dict:
     return card
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary sibling and a rename: readers see the old file or the new, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_card(path, card: dict) -> None:
+    """Write ``card.json`` and its Markdown rendering ``MODEL_CARD.md`` (``modelcard``), each atomically, the
+    Markdown first: a folder's card.json is never newer than the page people read."""
+    from . import modelcard
+
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    tmp = p / (CARD + ".tmp")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    tmp.replace(p / CARD)
+    modelcard.write(p, card)
+    write_text_atomic(p / CARD, json.dumps(card, indent=2) + "\n")
 
 
 def sha256(path) -> str:

@@ -2,6 +2,7 @@
 
     serving folder  card.json          the source card + an "export" section (files, sha256, graph contract,
                                        verification, variant measurements, versions, command)
+                    MODEL_CARD.md      that card rendered for people (atop_serve/modelcard.py)
                     pipeline.onnx      fp32 graph: RT + purifier + classifier (+ TTA) + softmax, dynamic N and K
                     classifier.onnx    the bare classifier f (+ TTA): images -> logits, for the service's attack demo;
                                        its weights are external data read from classifier.safetensors (copied
@@ -11,7 +12,7 @@
 
 Everything is written into a temporary folder next to the target and moved into place only after every
 verification passed, so a failed or interrupted export leaves nothing behind. With ``--out`` equal to the model
-folder the new files are moved in one by one and card.json is replaced last (each move atomic); the weights
+folder the new files are moved in one by one, MODEL_CARD.md and card.json last (each move atomic); the weights
 stay.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from atop_serve import modelio
+from atop_serve import modelcard, modelio
 from atop_serve.config import RTConfig
 from atop_serve.errors import AtopError, ExportError, ModelError
 
@@ -114,6 +115,7 @@ def _commit(tmp: Path, out: Path, in_place: bool) -> None:
                 (tmp / name).replace(out / name)
             elif name != modelio.ONNX_FILE:
                 (out / name).unlink(missing_ok=True)  # a variant from an earlier export the new card does not list
+        (tmp / modelcard.FILE).replace(out / modelcard.FILE)
         (tmp / modelio.CARD).replace(out / modelio.CARD)
         shutil.rmtree(tmp)
         return

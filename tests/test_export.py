@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atop_serve import modelio
+from atop_serve import modelcard, modelio
 from atop_serve.errors import DataError, ExportError
 
 from .conftest import make_model_folder, needs_data
@@ -107,7 +107,8 @@ def test_serving_folder(exported, model_dir):
     assert {k: card[k] for k in src} == src  # the source card, copied
     ex = card["export"]
     assert (out / modelio.ONNX_FILE).exists() and not list(out.parent.glob(".serving.*"))  # no temp dirs left
-    assert set(ex["files"]) == {p.name for p in out.iterdir()} - {modelio.CARD}
+    assert set(ex["files"]) == {p.name for p in out.iterdir()} - {modelio.CARD, modelcard.FILE}
+    assert (out / modelcard.FILE).read_text() == modelcard.render(card)  # the page people read, from this card
     for f, rec in ex["files"].items():
         assert rec["sha256"] == modelio.sha256(out / f)
     assert ex["opset"] >= 17 and ex["formats"] == ["onnx"] and ex["command"] == "pytest"
@@ -258,6 +259,7 @@ def test_in_place_export(model_dir, tmp_path):
     assert not (folder / modelio.OPT_ONNX_FILE).exists()
     card = modelio.read_card(folder)
     assert card["export"]["verification"]["onnx"]["passed"] and (folder / modelio.ONNX_FILE).exists()
+    assert "## Export" in (folder / modelcard.FILE).read_text()  # moved in with the new card
     modelio.load_pipeline(folder)  # still a complete model folder
 
 

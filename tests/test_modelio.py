@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from atop_serve import load_classifier, load_pipeline, modelio
+from atop_serve import load_classifier, load_pipeline, modelcard, modelio
 from atop_serve.errors import ModelError
 from atop_serve.transforms import draw_rt_inputs
 
@@ -140,8 +140,9 @@ def test_the_shipped_default_model():
     folder = modelio.DEFAULT_MODEL_DIR
     files = {p.name: p.stat().st_size for p in folder.iterdir()}
     assert sum(files.values()) < 25 * 2**20, files
-    assert {p.rsplit(".", 1)[-1] for p in files} <= {"json", "safetensors", "onnx"}, files
+    assert {p.rsplit(".", 1)[-1] for p in files} <= {"json", "md", "safetensors", "onnx"}, files
     card = modelio.read_card(folder)
+    assert (folder / modelcard.FILE).read_text() == modelcard.render(card), "stale MODEL_CARD.md: run `atop card`"
     for part in ("classifier", "purifier"):
         assert modelio.sha256(folder / card[part]["file"]) == card[part]["sha256"], part
     clf = card["classifier"]
