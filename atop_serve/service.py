@@ -33,10 +33,10 @@ from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import __version__, demo_attack, settings, web
+from . import __version__, demo_attack, modelcard, settings, web
 from .balance import ConnectionBalance
 from .batcher import BatchStats, Overloaded, RowBatcher
 from .engine import (View, images_row_seeds, load_engine, mean_over_samples, read_serving_card, row_seeds,
@@ -131,8 +131,17 @@ async def _get_metadata(request: Request) -> JSONResponse:
     return JSONResponse(await bentoml.get_current_service().describe())
 
 
-# GET /metadata beside the POST api, and the web page (/, /static, /samples, /docs; see atop_serve/web.py)
-web_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]), *web.routes()])
+MODEL_CARD_PAGE = modelcard.render(MODEL_CARD)  # the served card for people, rendered from the card it serves
+
+
+async def _get_model_card(request: Request) -> Response:
+    return Response(MODEL_CARD_PAGE, media_type="text/markdown; charset=utf-8",
+                    headers={"X-Content-Type-Options": "nosniff"})
+
+
+# GET /metadata beside the POST api, GET /model_card, and the web page (/, /static, /samples, /docs; atop_serve/web.py)
+web_app = Starlette(routes=[Route("/metadata", _get_metadata, methods=["GET"]),
+                            Route("/model_card", _get_model_card, methods=["GET"]), *web.routes()])
 
 
 def _busy_is_503(endpoint):

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from atop_serve import modelio
+from atop_serve import modelcard, modelio
 from atop_serve.config import RTConfig, draw_rt_inputs_numpy
 from atop_serve.engine import OnnxEngine, TorchEngine, load_engine, request_draws, row_seeds, sample_rows
 from atop_serve.errors import AtopError, ModelError
@@ -154,6 +154,9 @@ def test_metadata_get_and_post(server, det_folder):
     assert serving["seed_allowed"] is False and serving["limits"]["max_images"] == 8
     assert serving["limits"]["default_samples"] == card["pipeline"]["samples"] == 2
     assert server.post("/metadata", json={}).json() == meta
+    page = httpx.get(server.url + "/model_card")  # the same card, for people
+    assert page.status_code == 200 and page.headers["content-type"] == "text/markdown; charset=utf-8"
+    assert page.text == modelcard.render(card) and page.text.startswith(f"# {card['name']}\n")
 
 
 def test_python_client(server, images, tmp_path):
