@@ -121,14 +121,15 @@ class FastClassify:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        boundary, length = None, None
+        content_type, length = None, None
         for key, value in scope["headers"]:
-            if key == b"content-type":
-                boundary = boundary_of(value.decode("latin-1"))
+            if key == b"content-type" and content_type is None:  # the first, the one starlette reads
+                content_type = value.decode("latin-1")
             elif key == b"content-length":
                 length = int(value) if value.isdigit() else None
             elif key == b"origin" or key == b"transfer-encoding":
                 return await self.app(scope, receive, send)  # CORS, chunked uploads: the full path
+        boundary = boundary_of(content_type or "")
         if boundary is None or length is None or length > self.max_bytes:
             return await self.app(scope, receive, send)
         chunks, more = [], True

@@ -103,7 +103,7 @@ class Inner:
         await send({"type": "http.response.body", "body": b"full", "more_body": False})
 
 
-def _call(app, body: bytes, headers: dict[bytes, bytes], path="/classify", method="POST", chunk=1000):
+def _call(app, body: bytes, headers: dict[bytes, bytes] | list, path="/classify", method="POST", chunk=1000):
     chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)] or [b""]
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
     sent = []
@@ -114,7 +114,8 @@ def _call(app, body: bytes, headers: dict[bytes, bytes], path="/classify", metho
     async def send(m):
         sent.append(m)
 
-    scope = {"type": "http", "path": path, "method": method, "headers": list(headers.items())}
+    scope = {"type": "http", "path": path, "method": method,
+             "headers": headers if isinstance(headers, list) else list(headers.items())}
     asyncio.run(app(scope, receive, send))
     return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
 
@@ -149,6 +150,11 @@ def test_middleware_answers_plain_forms_and_hands_on_the_rest_intact():
 
     app, inner, outcomes = _app(failing)
     assert _call(app, body, headers)[0] == 299 and inner.bodies == [body] and outcomes == ["fallback"]
+
+    # two Content-Types: the first is the one the full path reads
+    app, inner, outcomes = _app()
+    twice = [(b"content-type", b"application/json"), *headers.items()]
+    assert _call(app, body, twice)[0] == 299 and inner.bodies == [body] and outcomes == []
 
     # never read by the fast path: CORS requests, chunked or large bodies, other paths and methods
     for h, kw in (({**headers, b"origin": b"http://elsewhere"}, {}),
