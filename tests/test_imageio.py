@@ -314,3 +314,19 @@ def test_damaged_files_give_an_image_or_an_image_error(data):
     except (EmptyImage, NotAnImage, CorruptImage, ImageTooLarge):
         return
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_sixteen_bit_conversion_memory():
+    """16-bit and float images are rescaled in place: one float64 array (8 bytes a pixel), not four, so that a
+    file under the pixel limit (50 MP: a few kB of zeros can declare it) does not cost gigabytes."""
+    import tracemalloc
+
+    img = Image.fromarray(np.full((1000, 1000), 40_000, dtype=np.uint16))
+    tracemalloc.start()
+    try:
+        rgb = imageio.to_rgb(img)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (156, 156, 156)
+    assert peak < 1.5 * 8 * img.width * img.height, peak
