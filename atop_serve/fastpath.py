@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 FAST_MAX_BYTES = 256 * 1024  # larger bodies (photos) take the full path, where decoding runs in a thread
-_DISPOSITION = re.compile(rb'^form-data; name="([A-Za-z_]+)"(?:; filename="([^"\\]*)")?$', re.IGNORECASE)
-_BOUNDARY = re.compile(r'boundary="?([0-9A-Za-z\'()+_,./:=?-]{1,70})"?$')
+_DISPOSITION = re.compile(rb'form-data; name="([A-Za-z_]+)"(?:; filename="([^"\\]*)")?', re.IGNORECASE)  # whole value
+_BOUNDARY = re.compile(r'boundary=(?:"([0-9A-Za-z\'()+_,./:=?-]{1,70})"|([0-9A-Za-z\'()+_,./:=?-]{1,70}))$')
+_MAX_HEADER = 4096  # bytes in a part header line; python-multipart refuses lines above 4096 + 128
 _NUMBER = re.compile(rb"^(0|[1-9][0-9]{0,18})$")
 
 
@@ -39,10 +40,10 @@ class ClassifyForm:
 def boundary_of(content_type: str) -> bytes | None:
     """The boundary of a ``multipart/form-data`` Content-Type (None for anything else)."""
     media, _, params = content_type.partition(";")
-    if media.strip().lower() != "multipart/form-data":
+    if media.rstrip(" \t").lower() != "multipart/form-data":  # the spaces and tabs starlette strips, no others
         return None
-    m = _BOUNDARY.match(params.strip())
-    return m.group(1).encode() if m else None
+    m = _BOUNDARY.match(params.strip(" \t"))
+    return (m.group(1) or m.group(2)).encode() if m else None
 
 
 def parse_classify_form(body: bytes, boundary: bytes, max_samples: int, max_seed: int) -> ClassifyForm:
@@ -60,15 +61,15 @@ def parse_classify_form(body: bytes, boundary: bytes, max_samples: int, max_seed
         disposition, content_type = None, None
         for line in head[2:].split(b"\r\n"):
             key, colon, val = line.partition(b":")
-            key = key.strip().lower()
-            if not colon:
+            key, val = key.lower(), val.lstrip(b" ")  # as python-multipart reads a header line: no other whitespace
+            if not colon or b"\r" in val or len(line) > _MAX_HEADER:
                 raise Fallback("malformed part header")
             if key == b"content-disposition" and disposition is None:
-                disposition = _DISPOSITION.match(val.strip())
+                disposition = _DISPOSITION.fullmatch(val)
                 if disposition is None:
                     raise Fallback("unusual Content-Disposition")
             elif key == b"content-type" and content_type is None:
-                content_type = val.strip().decode("latin-1")
+                content_type = val.decode("latin-1")
             else:
                 raise Fallback("unusual part header")
         if disposition is None:
@@ -77,7 +78,7 @@ def parse_classify_form(body: bytes, boundary: bytes, max_samples: int, max_seed
         filename = disposition.group(2)
         if name in fields:
             raise Fallback(f"field {name} repeated")
-        fields[name] = (value, None if filename is None else filename.decode("latin-1"), content_type)
+        fields[name] = (value, None if filename is None else _text(filename), content_type)
     if "image" not in fields or fields["image"][1] is None or set(fields) - {"image", "samples", "seed"}:
         raise Fallback("not the /classify fields")
     numbers = {}
@@ -92,6 +93,14 @@ def parse_classify_form(body: bytes, boundary: bytes, max_samples: int, max_seed
         numbers[name] = int(value)
     data, filename, content_type = fields["image"]
     return ClassifyForm(data, filename, content_type, numbers["samples"], numbers["seed"])
+
+
+def _text(data: bytes) -> str:
+    """A part's filename as starlette decodes it: UTF-8, else Latin-1."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
 
 
 Handler = Callable[[ClassifyForm], Awaitable[tuple[int, list[tuple[bytes, bytes]], bytes]]]
@@ -112,14 +121,15 @@ class FastClassify:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        boundary, length = None, None
+        content_type, length = None, None
         for key, value in scope["headers"]:
-            if key == b"content-type":
-                boundary = boundary_of(value.decode("latin-1"))
+            if key == b"content-type" and content_type is None:  # the first, the one starlette reads
+                content_type = value.decode("latin-1")
             elif key == b"content-length":
                 length = int(value) if value.isdigit() else None
             elif key == b"origin" or key == b"transfer-encoding":
                 return await self.app(scope, receive, send)  # CORS, chunked uploads: the full path
+        boundary = boundary_of(content_type or "")
         if boundary is None or length is None or length > self.max_bytes:
             return await self.app(scope, receive, send)
         chunks, more = [], True

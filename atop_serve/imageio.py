@@ -99,11 +99,12 @@ def to_pixels(img: Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS)
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> RGB: transparency composited on white, 16-bit and float images rescaled."""
     mode = img.mode
-    if mode in _SIXTEEN_BIT or mode == "F":
-        a = np.asarray(img, dtype=np.float64) * (255.0 if mode == "F" else 255.0 / 65535.0)
-        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+    if mode in _SIXTEEN_BIT or mode == "F":  # in place: one float array, not four (a 50 MP image: 400 MB each)
+        a = np.asarray(img, dtype=np.float64)
+        a *= 255.0 if mode == "F" else 255.0 / 65535.0
+        return Image.fromarray(np.clip(np.rint(a, out=a), 0, 255, out=a).astype(np.uint8)).convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
+        rgba = img if mode == "RGBA" else img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return img if mode == "RGB" else img.convert("RGB")

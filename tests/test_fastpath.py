@@ -37,6 +37,10 @@ def test_parses_what_clients_send():
     assert parse(body, b"0123abcd") == ClassifyForm(IMAGE, "x.jpg", "image/jpeg", 2, None)
     assert boundary_of('multipart/form-data; boundary="----WebKitFormBoundaryX1y2"') == b"----WebKitFormBoundaryX1y2"
     assert boundary_of("application/json") is None and boundary_of("multipart/form-data") is None
+    # boundaries starlette reads otherwise (with the quote), or a Content-Type the full path refuses (415)
+    for content_type in ('multipart/form-data; boundary=b0"', 'multipart/form-data; boundary="b0',
+                         "multipart/form-data; boundary=b0\x0b", " multipart/form-data; boundary=b0"):
+        assert boundary_of(content_type) is None
 
 
 def _body(*parts: bytes, boundary: bytes = b"b0", end: bytes = b"--\r\n") -> bytes:
@@ -69,6 +73,12 @@ def _field(name: str, value: bytes) -> bytes:
     _body(IMG_PART, end=b"\r\n"),                                          # no closing delimiter
     b"preamble\r\n" + _body(IMG_PART),                                     # a preamble
     _body(IMG_PART).replace(b"\r\n", b"\n"),                               # bare LF line ends
+    # part headers python-multipart refuses (the full path answers 400) or reads otherwise
+    _body(IMG_PART.replace(b"Content-Disposition:", b"Content-Disposition :")),  # not a header name
+    _body(IMG_PART.replace(b"\r\nContent-Type", b"\r\n\nContent-Type")),
+    _body(IMG_PART.replace(b"image/png", b"image/png\r")),                  # a CR inside a header line
+    _body(IMG_PART.replace(b'filename="a.png"', b'filename="a\rb.png"')),
+    _body(IMG_PART.replace(b'"a.png"', b'"a.png"\x0c')),                    # the full path: filename '"a.png"\x0c'
     b"garbage",
 ])
 def test_anything_unusual_falls_back(body):
@@ -93,7 +103,7 @@ class Inner:
         await send({"type": "http.response.body", "body": b"full", "more_body": False})
 
 
-def _call(app, body: bytes, headers: dict[bytes, bytes], path="/classify", method="POST", chunk=1000):
+def _call(app, body: bytes, headers: dict[bytes, bytes] | list, path="/classify", method="POST", chunk=1000):
     chunks = [body[i:i + chunk] for i in range(0, len(body), chunk)] or [b""]
     messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
     sent = []
@@ -104,7 +114,8 @@ def _call(app, body: bytes, headers: dict[bytes, bytes], path="/classify", metho
     async def send(m):
         sent.append(m)
 
-    scope = {"type": "http", "path": path, "method": method, "headers": list(headers.items())}
+    scope = {"type": "http", "path": path, "method": method,
+             "headers": headers if isinstance(headers, list) else list(headers.items())}
     asyncio.run(app(scope, receive, send))
     return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
 
@@ -140,6 +151,11 @@ def test_middleware_answers_plain_forms_and_hands_on_the_rest_intact():
     app, inner, outcomes = _app(failing)
     assert _call(app, body, headers)[0] == 299 and inner.bodies == [body] and outcomes == ["fallback"]
 
+    # two Content-Types: the first is the one the full path reads
+    app, inner, outcomes = _app()
+    twice = [(b"content-type", b"application/json"), *headers.items()]
+    assert _call(app, body, twice)[0] == 299 and inner.bodies == [body] and outcomes == []
+
     # never read by the fast path: CORS requests, chunked or large bodies, other paths and methods
     for h, kw in (({**headers, b"origin": b"http://elsewhere"}, {}),
                   ({b"content-type": headers[b"content-type"], b"transfer-encoding": b"chunked"}, {}),
@@ -147,3 +163,117 @@ def test_middleware_answers_plain_forms_and_hands_on_the_rest_intact():
                   (headers, {"path": "/classify_batch"}), (headers, {"method": "PUT"})):
         app, inner, outcomes = _app()
         assert _call(app, body, h, **kw)[0] == 299 and inner.bodies == [body] and outcomes == []
+
+
+# ------------------------------------------------------------------------- the contract, property-based (hypothesis)
+# For any body, parse_classify_form either raises Fallback or returns exactly what the full path reads from it:
+# ClassifyInput (atop_serve/forms.py) on starlette's form parsing with python-multipart, as BentoML calls it.
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+
+from atop_serve.forms import MAX_SEED, SETTINGS, ClassifyInput, Rejected  # noqa: E402
+
+
+def full_path(body: bytes, content_type: bytes) -> ClassifyForm | Rejected:
+    """What the API's input spec reads from a /classify request (the reference), or its 4xx."""
+    scope = {"type": "http", "method": "POST", "path": "/classify", "query_string": b"",
+             "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def read():
+        try:
+            got = await ClassifyInput.from_http_request(Request(scope, receive), None)
+        except Rejected as e:
+            return e
+        return ClassifyForm(got.image.data, got.image.filename, got.image.content_type, got.samples, got.seed)
+
+    return asyncio.run(read())
+
+
+def assert_fast_agrees(body: bytes, content_type: bytes) -> ClassifyForm | None:
+    boundary = boundary_of(content_type.decode("latin-1"))
+    if boundary is None:
+        return None
+    try:
+        form = parse_classify_form(body, boundary, SETTINGS.max_samples, MAX_SEED)
+    except Fallback:
+        return None
+    assert form == full_path(body, content_type)
+    return form
+
+
+_BOUNDARY_CHARS = "0123456789abcdefABCDEF'()+_,./:=?-"
+_TEXT = st.text(st.sampled_from('aé.pngJPG_- ;="\\\r\n\t/%*\x00ü☃'), min_size=1, max_size=12)
+_NUMBERS = st.one_of(st.integers(-3, 12).map(str), st.integers(0, 2**64).map(str), st.integers(1, 8).map(str),
+                     st.sampled_from(["0", "04", " 3", "3 ", "3\n", "+3", "3.0", "1e1", "true", "null", '"3"', "", "٣"]),
+                     _TEXT)
+_BINARY = st.lists(st.one_of(st.binary(max_size=40), st.sampled_from(
+    [b"\r\n", b"\r", b"\n", b"--", b"\r\n--", b"\r\n\r\n", b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"])), max_size=8).map(b"".join)
+
+
+@st.composite
+def _bodies(draw) -> tuple[bytes, bytes]:
+    """(body, Content-Type): what clients send (httpx's encoder), then maybe mangled the ways bodies go wrong."""
+    boundary = draw(st.text(st.sampled_from(_BOUNDARY_CHARS), min_size=1, max_size=20).map(str.strip)) or "b"
+    data = draw(_BINARY)
+    data = data.replace(b"\r\n--\x00", b"\r\n--" + boundary.encode())  # the boundary itself inside the file
+    files = {"image": (draw(_TEXT), data, draw(st.sampled_from(["image/png", "image/jpeg", "", " x/y "])))}
+    names = draw(st.sets(st.sampled_from(["samples", "seed"]))) | ({"other"} if draw(st.integers(0, 5)) == 0 else set())
+    fields = {k: draw(_NUMBERS) for k in names}
+    content_type = draw(st.sampled_from([
+        f"multipart/form-data; boundary={boundary}", f'multipart/form-data; boundary="{boundary}"',
+        f"Multipart/Form-Data;boundary={boundary} "] * 4 + [
+        f"multipart/form-data; boundary={boundary}\"", f'multipart/form-data; boundary="{boundary}',
+        f"multipart/form-data; boundary={boundary}; charset=latin-1", f"multipart/form-data; Boundary={boundary}"]))
+    request = httpx.Request("POST", "http://x/classify", files=files, data=fields,
+                            headers={"Content-Type": f'multipart/form-data; boundary="{boundary}"'})
+    body = request.read()
+    if draw(st.booleans()):  # the parts' order, case, quoting, spacing, extra params
+        parts = body.split(b"--" + boundary.encode())
+        middle = parts[1:-1]
+        draw(st.randoms(use_true_random=False)).shuffle(middle)
+        body = (b"--" + boundary.encode()).join([parts[0], *middle, parts[-1]])
+    for _ in range(max(0, draw(st.integers(-3, 3)))):
+        old, new = draw(st.sampled_from([
+            (b"\r\n", b"\n"), (b"\r\n", b"\r\n\r\n"), (b"\r\n", b""), (b"\r\n", b"\r"), (b"\r\n", b"\r\n "),
+            (b"Content-Disposition", b"content-disposition"), (b"Content-Disposition", b"CONTENT-DISPOSITION"),
+            (b"Content-Disposition", b"Content-Disposition "), (b"Content-Disposition: ", b"Content-Disposition:"),
+            (b"Content-Disposition: ", b"Content-Disposition:\t"), (b"Content-Type: ", b"Content-Type:  "),
+            (b"Content-Type", b"\nContent-Type"), (b"form-data", b"FORM-DATA"), (b"form-data", b"attachment"),
+            (b"form-data; ", b"form-data;"), (b"name=", b"NAME="), (b'name="image"', b"name=image"),
+            (b'name="samples"', b'name="seed"'), (b'"\r\n', b'" \r\n'), (b'"\r\n', b'"\x0c\r\n'),
+            (b'"\r\n', b'"; size=3\r\n'), (b'"\r\n', b'"\r\nContent-Transfer-Encoding: binary\r\n'),
+            (b"; filename", b"; filename*=UTF-8''x; filename"), (b"image/png", b"image/png\r"),
+            (b"\r\n\r\n", b"\r\n\r\n\r\n--" + boundary.encode()), (b"--\r\n", b"--"), (b"--\r\n", b"--\r\nepilogue"),
+            (b"--" + boundary.encode() + b"\r\n", b"--" + boundary.encode() + b" \r\n"),
+            (b"--" + boundary.encode() + b"\r\n", b"--" + boundary.encode()[:-1] + b"\r\n")]))
+        at = draw(st.integers(0, max(0, body.count(old) - 1)))
+        pieces = body.split(old)
+        if len(pieces) > at + 1:
+            body = old.join(pieces[:at + 1]) + new + old.join(pieces[at + 1:])
+    cut = draw(st.one_of(st.none(), st.integers(0, len(body))))
+    if cut is not None and draw(st.integers(0, 3)) == 0:
+        body = body[:cut] if draw(st.booleans()) else body[:cut] + body[cut:][:draw(st.integers(0, 30))] * 2
+    return body, content_type.encode("latin-1")
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(_bodies())
+def test_fast_parser_reads_what_the_full_path_reads_or_falls_back(case):
+    assert_fast_agrees(*case)
+
+
+def test_reads_the_values_the_full_path_reads():
+    """Values the full path reads in its own way: the filename as UTF-8, the part's Content-Type as sent."""
+    cases = [(IMG_PART.replace(b"a.png", "é.png".encode()), "é.png", "image/png"),
+             (IMG_PART.replace(b"image/png", b"image/png "), "a.png", "image/png "),
+             (IMG_PART.replace(b"Content-Type: ", b"Content-Type:\t"), "a.png", "\timage/png"),
+             (IMG_PART.replace(b"Content-Type: ", b"Content-Type:"), "a.png", "image/png")]
+    for part, filename, content_type in cases:
+        form = assert_fast_agrees(_body(part), b"multipart/form-data; boundary=b0")
+        assert form == ClassifyForm(IMAGE, filename, content_type, None, None)
+    with pytest.raises(Fallback):  # a part header line over 4 KB: python-multipart refuses it (the full path: 400)
+        parse(_body(IMG_PART.replace(b'"a.png"', b'"' + b"a" * 5000 + b'"')), b"b0")

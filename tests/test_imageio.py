@@ -237,3 +237,96 @@ def test_errors_carry_http_status():
 
 def test_encode_png_round_trip(pattern):
     assert np.array_equal(imageio.decode(imageio.encode_png(pattern)), pattern)
+
+
+# ------------------------------------------------------------------------------- damaged files, property-based
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+
+def _seed_files() -> list[bytes]:
+    """Small files in every accepted format and several modes: what the mutations below start from."""
+    img = Image.fromarray(smooth(24))
+    rgba = img.convert("RGBA")
+    rgba.putalpha(100)
+    sixteen = Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257))
+    return [encode(img, "PNG"), encode(rgba, "PNG"), encode(img.convert("P"), "PNG", transparency=0),
+            encode(sixteen, "PNG"), encode(img, "JPEG"), encode(img, "JPEG", progressive=True),
+            encode(img, "WEBP"), encode(rgba, "WEBP", lossless=True),
+            encode(img, "GIF", save_all=True, append_images=[rgba.convert("RGB")]), encode(img, "BMP"),
+            encode(img.convert("P"), "BMP"), encode(img, "TIFF"), encode(img, "TIFF", compression="tiff_deflate"),
+            encode(img, "TIFF", compression="jpeg"), encode(sixteen, "TIFF")]
+
+
+SEEDS = _seed_files()
+_HUGE = [0, 1, 0x7FFF, 0xFFFF, 0x10000, 0x7FFFFFFF, 0xFFFFFFFF]
+
+
+def _size_field(data: bytes, value: int, which: int) -> bytes:
+    """``data`` with one of its header's 24 (width, height) fields (16 or 32 bits, either byte order) set to
+    ``value``, where it has one."""
+    spots = [(i, f) for f in ("<H", ">H", "<I", ">I") for i in range(min(len(data), 512) - struct.calcsize(f))
+             if struct.unpack_from(f, data, i)[0] == 24]
+    if not spots:
+        return data
+    at, fmt = spots[which % len(spots)]
+    return data[:at] + struct.pack(fmt, value & (0xFFFF if fmt[1] == "H" else 0xFFFFFFFF)) + data[at + struct.calcsize(fmt):]
+
+
+@st.composite
+def _damaged(draw) -> bytes:
+    data = bytearray(draw(st.sampled_from(SEEDS)))
+    for _ in range(draw(st.integers(1, 3))):
+        op = draw(st.sampled_from(["flip", "truncate", "duplicate", "size"]))
+        if op == "flip":
+            i = draw(st.integers(0, len(data) - 1))
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "truncate":
+            data = data[:draw(st.integers(1, len(data)))]
+        elif op == "duplicate":
+            a = draw(st.integers(0, len(data) - 1))
+            b = draw(st.integers(a, min(len(data), a + 256)))
+            at = draw(st.integers(0, len(data)))
+            data = data[:at] + data[a:b] * draw(st.integers(1, 3)) + data[at:]
+        else:
+            data = bytearray(_size_field(bytes(data), draw(st.sampled_from(_HUGE)), draw(st.integers(0, 50))))
+    if data.startswith(b"\x89PNG") and draw(st.booleans()):  # valid chunk CRCs, so that the damage is read further
+        data = bytearray(_png_fix_crcs(bytes(data)))
+    return bytes(data)
+
+
+def _png_fix_crcs(data: bytes) -> bytes:
+    out, i = bytearray(data[:8]), 8
+    while i + 12 <= len(data) and i + 12 + struct.unpack_from(">I", data, i)[0] <= len(data):
+        n = struct.unpack_from(">I", data, i)[0]
+        out += data[i:i + 8 + n] + struct.pack(">I", zlib.crc32(data[i + 4:i + 8 + n]))
+        i += 12 + n
+    return bytes(out + data[i:])
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(_damaged())
+def test_damaged_files_give_an_image_or_an_image_error(data):
+    """Bit flips, truncation, duplicated chunks, huge header sizes: a (32, 32, 3) uint8 array or one of the
+    module's errors (mapped to 4xx), never another exception. The pixel limit is low here so that no example decodes
+    a large image (the limit itself: test_too_many_pixels_checked_before_decoding)."""
+    try:
+        out = imageio.decode(data, max_pixels=1_000_000)
+    except (EmptyImage, NotAnImage, CorruptImage, ImageTooLarge):
+        return
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_sixteen_bit_conversion_memory():
+    """16-bit and float images are rescaled in place: one float64 array (8 bytes a pixel), not four, so that a
+    file under the pixel limit (50 MP: a few kB of zeros can declare it) does not cost gigabytes."""
+    import tracemalloc
+
+    img = Image.fromarray(np.full((1000, 1000), 40_000, dtype=np.uint16))
+    tracemalloc.start()
+    try:
+        rgb = imageio.to_rgb(img)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (156, 156, 156)
+    assert peak < 1.5 * 8 * img.width * img.height, peak
