@@ -132,6 +132,10 @@ def _evaluation(card: dict) -> list[str]:
         note = f"; {e['note']}" if e.get("note") else ""
         lines.append(f"- **{name}** ({e.get('machine', '?')}, git {e.get('git_commit', '?')}): "
                      f"`{e.get('command', '?')}`{note}")
+    earlier = card.get("evaluation_of_earlier_weights") or {}
+    if earlier.get("entries"):
+        lines += ["", f"`card.json` also keeps the {len(earlier['entries'])} evaluations of the weights this model replaced "
+                      f"(`evaluation_of_earlier_weights`: {earlier.get('note', 'no note')})."]
     white = [(a.get("value"), attack, e.get("n")) for e in ev.values() if e.get("threat") == "pipeline"
              for attack, a in (e.get("accuracy") or {}).items() if attack != "clean"]
     if white:
