@@ -219,6 +219,12 @@ ERROR_CASES = {  # name: (path, request keywords, status, text the message holds
                                           "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 400,
                             "malformed"),
     "unknown view": ("/purify", {"files": {"image": ("a.png", GOOD)}, "data": {"view": "noise"}}, 400, "view"),
+    "value nested too deeply": ("/classify", {"files": {"image": ("a.png", GOOD)},
+                                              "data": {"samples": "[" * 50_000 + "]" * 50_000}}, 400, "samples"),
+    "huge value quoted short": ("/inspect", {"files": {"image": ("a.png", GOOD)}, "data": {"seed": "x" * 200_000}},
+                                400, "... (200002 characters)"),
+    "long field name quoted short": ("/classify", {"files": {"image": ("a.png", GOOD)}, "data": {"f" * 500: "1"}},
+                                     400, "... (502 characters)"),
     "garbage to /purify": ("/purify", {"files": {"image": ("a.gif", b"GIF89a" + b"\0" * 10)}}, 422, "GIF"),
 }
 
@@ -231,7 +237,7 @@ def test_errors_are_clear_4xx(server, case):
     r = server.post(path, **kw)
     assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
-    assert set(body) == {"error"} and text in body["error"], body
+    assert set(body) == {"error"} and text in body["error"] and len(body["error"]) < 1000, body
 
 
 def test_still_correct_after_bad_requests(server, det_folder, images):
