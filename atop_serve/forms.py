@@ -127,6 +127,15 @@ def _describe(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
+class NoInput(bentoml.IODescriptor):
+    """No fields, and the body is not parsed: POST /metadata. (BentoML's own parsing of a body an API does not use
+    answers 500 to a form with a binary file or a deeply nested JSON value.)"""
+
+    @classmethod
+    async def from_http_request(cls, request, serde):
+        return cls()
+
+
 class ClassifyInput(FormInput):
     usage: ClassVar[str] = (f"fields: image (one file, required), samples (1..{SETTINGS.max_samples}, default: the "
                             "model's K), seed (int, only where the server allows it)")

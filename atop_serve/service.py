@@ -43,7 +43,7 @@ from .engine import (View, images_row_seeds, load_engine, mean_over_samples, rea
                      sample_rows)
 from .errors import ImageError, ModelError
 from .fastpath import ClassifyForm, FastClassify
-from .forms import MAX_SEED, BatchInput, ClassifyInput, PurifyInput, Rejected, Upload
+from .forms import MAX_SEED, BatchInput, ClassifyInput, NoInput, PurifyInput, Rejected, Upload
 from .imageio import FORMAT_NAMES, REDUCING_GAP, RESAMPLE, encode_png, open_image, to_pixels
 from .middleware import BodyLimit, ErrorBody
 from .modelio import default_samples
@@ -307,7 +307,7 @@ class AtopService:
             images=AttackImages(input=self._png_url(pixels), adversarial=self._png_url(adversarial),
                                 perturbation=self._png_url(perturbation)))
 
-    @bentoml.api(route="/metadata")
+    @bentoml.api(route="/metadata", input_spec=NoInput)
     async def metadata(self) -> dict:
         """The model card (classes, RT config, provenance, measured metrics) and the serving setup and versions."""
         return await self.describe()

@@ -154,6 +154,11 @@ def test_metadata_get_and_post(server, det_folder):
     assert serving["seed_allowed"] is False and serving["limits"]["max_images"] == 8
     assert serving["limits"]["default_samples"] == card["pipeline"]["samples"] == 2
     assert server.post("/metadata", json={}).json() == meta
+    # the body of POST /metadata is ignored, whatever it holds (BentoML's parsing of it answered 500 to these)
+    for kw in ({"files": {"x": ("a.png", b"\x89PNG\xff")}}, {"data": {"x": "[" * 5000 + "]" * 5000}},
+               {"content": b"\xff" * 10, "headers": {"content-type": "application/json"}}):
+        got = server.post("/metadata", **kw)
+        assert got.status_code == 200 and got.json() == meta, got.text
 
 
 def test_python_client(server, images, tmp_path):
