@@ -245,6 +245,17 @@ def test_errors_are_clear_4xx(server, case):
     assert set(body) == {"error"} and text in body["error"] and len(body["error"]) < 1000, body
 
 
+def test_routing_errors_are_json(server):
+    """The 4xx answers of the routing and the static files have the JSON error shape of every other error."""
+    for method, path, status, text in (("GET", "/classify", 405, "GET /classify (allowed: POST)"),
+                                       ("PUT", "/metadata", 405, "Method Not Allowed"),
+                                       ("GET", "/nothing-here", 404, "Not Found: GET /nothing-here"),
+                                       ("GET", "/static/nothing-here.js", 404, "Not Found")):
+        r = httpx.request(method, server.url + path)
+        assert r.status_code == status and r.headers["content-type"] == "application/json", (r.status_code, r.text)
+        assert set(r.json()) == {"error"} and text in r.json()["error"], r.text
+
+
 def test_still_correct_after_bad_requests(server, det_folder, images):
     r = server.post("/classify", files={"image": ("a.png", png(images[0]))})
     assert r.status_code == 200
