@@ -21,6 +21,7 @@ FAST_MAX_BYTES = 256 * 1024  # larger bodies (photos) take the full path, where 
 _DISPOSITION = re.compile(rb'^form-data; name="([A-Za-z_]+)"(?:; filename="([^"\\]*)")?$', re.IGNORECASE)
 _BOUNDARY = re.compile(r'boundary="?([0-9A-Za-z\'()+_,./:=?-]{1,70})"?$')
 _NUMBER = re.compile(rb"^(0|[1-9][0-9]{0,18})$")
+MAX_HEADER_LINE = 4096  # a longer part header line: the full path decides (python-multipart refuses above 4 KiB + 128)
 
 
 class Fallback(Exception):
@@ -59,6 +60,8 @@ def parse_classify_form(body: bytes, boundary: bytes, max_samples: int, max_seed
             raise Fallback("malformed part")
         disposition, content_type = None, None
         for line in head[2:].split(b"\r\n"):
+            if len(line) > MAX_HEADER_LINE:
+                raise Fallback("long part header")
             key, colon, val = line.partition(b":")
             key = key.strip().lower()
             if not colon:
