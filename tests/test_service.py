@@ -603,3 +603,27 @@ def test_model_from_bentoml_store(det_folder, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     card_path, tag = out.stdout.split()
     assert json.loads(Path(card_path).read_text())["name"] == "random-0" and tag.startswith("atop-test:")
+
+
+def test_large_files_are_opened_off_the_event_loop(monkeypatch):
+    """A file above INLINE_DECODE_BYTES is opened (its header read) in a decoding thread, not on the event loop: a
+    32x32 PNG with hundreds of thousands of empty chunks takes seconds to open and would stall the whole worker."""
+    import asyncio
+    import threading
+    import types
+
+    from atop_serve import service
+    from atop_serve.forms import Upload
+
+    opened_in, open_image = [], service.open_image
+    monkeypatch.setattr(service, "open_image", lambda data: opened_in.append(threading.get_ident()) or open_image(data))
+    small = png(np.zeros((32, 32, 3), np.uint8))
+    chunk = struct.pack(">I", 0) + b"abCd" + struct.pack(">I", zlib.crc32(b"abCd"))  # an empty ancillary chunk
+    large = small[:33] + chunk * 10_000 + small[33:]  # 32x32, 120 KB: chunks after IHDR
+    worker = types.SimpleNamespace(_decoding=None, size=32)
+
+    async def decode_both():
+        return [await service.AtopService.inner._decode(worker, Upload(data)) for data in (small, large)]
+
+    assert asyncio.run(decode_both()) == [bytes(32 * 32 * 3)] * 2
+    assert opened_in[0] == threading.get_ident() != opened_in[1]
