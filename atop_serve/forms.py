@@ -22,6 +22,7 @@ from . import settings
 
 SETTINGS = settings.load()
 MAX_SEED = 2**63 - 1
+SHOWN_CHARS = 80  # the most of a client's value an error message quotes back (and the log line repeats)
 
 SamplesField = Field(None, ge=1, le=SETTINGS.max_samples, description=(
     f"K purifications averaged (1..{SETTINGS.max_samples}): steadier and more robust, K times the compute. "
@@ -92,7 +93,7 @@ class FormInput(bentoml.IODescriptor):
     @classmethod
     def _field(cls, key: str, values: list):
         if key not in cls.model_fields:
-            raise Rejected(f"unknown field {key!r}; {cls.usage}")
+            raise Rejected(f"unknown field {_shown(key)}; {cls.usage}")
         if key in cls.multipart_fields:
             if not all(isinstance(v, UploadFile) for v in values):
                 raise Rejected(f"field {key!r} must be a file upload (curl: -F {key}=@photo.jpg), not a text value")
@@ -107,17 +108,32 @@ class FormInput(bentoml.IODescriptor):
             raise Rejected(f"field {key!r} takes a value, not a file")
         try:
             return json.loads(values[0])
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply (e.g. 100,000 "[")
             return values[0]
+
+
+def _shown(value) -> str:
+    """A client's value as an error message quotes it: its repr, cut to SHOWN_CHARS (a field can hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 def _describe(e: ValidationError) -> str:
     parts = []
     for err in e.errors(include_url=False):
         where = ".".join(str(p) for p in err["loc"]) or "input"
-        got = f" (got {err['input']!r})" if isinstance(err.get("input"), (int, float, str)) else ""
+        got = f" (got {_shown(err['input'])})" if isinstance(err.get("input"), (int, float, str)) else ""
         parts.append(f"{where}: {err['msg']}{got}")
     return "; ".join(parts)
+
+
+class NoInput(bentoml.IODescriptor):
+    """No fields, and the body is not parsed: POST /metadata. (BentoML's own parsing of a body an API does not use
+    answers 500 to a form with a binary file or a deeply nested JSON value.)"""
+
+    @classmethod
+    async def from_http_request(cls, request, serde):
+        return cls()
 
 
 class ClassifyInput(FormInput):

@@ -3,11 +3,13 @@
 BentoML 1.4 has no request-size limit of its own; ``BodyLimit`` answers 413 to a body above ``max_bytes``,
 before reading it when Content-Length says so, else as soon as the streamed bytes pass the limit.
 BentoML 1.4 answers a 4xx exception raised by an API with the JSON ``[{"error": message}]``; ``ErrorBody``
-makes that ``{"error": message}``, the shape every other error of this service has.
+makes that ``{"error": message}``, the shape every other error of this service has, and gives the same shape to the
+plain-text 4xx answers of the routing and the static files (404 Not Found, 405 Method Not Allowed, 416).
 """
 from __future__ import annotations
 
 import json
+from http.client import responses
 
 DRAIN_LIMIT = 64 * 1024 * 1024  # an over-limit body up to this size is read (and dropped) so the client sees the 413
 
@@ -107,8 +109,7 @@ class ErrorBody:
         async def rewriting_send(message):
             nonlocal held
             if message["type"] == "http.response.start":
-                headers = dict(message.get("headers") or [])
-                if 400 <= message["status"] < 500 and headers.get(b"content-type", b"").startswith(b"application/json"):
+                if 400 <= message["status"] < 500:
                     held = message  # hold the 4xx answer until its body is complete
                     return
                 return await send(message)
@@ -117,13 +118,28 @@ class ErrorBody:
             chunks.append(message.get("body", b""))
             if message.get("more_body", False):
                 return
-            body = _unwrap(b"".join(chunks))
             headers = [(k, v) for k, v in held.get("headers") or [] if k.lower() != b"content-length"]
+            if dict(headers).get(b"content-type", b"").startswith(b"application/json"):
+                body = _unwrap(b"".join(chunks))
+            else:  # Starlette's plain-text 404, 405, 416
+                error = _plain_error(scope, held["status"], b"".join(chunks), dict(headers))
+                body = json.dumps({"error": error}).encode()
+                headers = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+                headers.append((b"content-type", b"application/json"))
             headers.append((b"content-length", str(len(body)).encode()))
             await send({**held, "headers": headers})
             await send({"type": "http.response.body", "body": body, "more_body": False})
 
         await self.app(scope, receive, rewriting_send)
+
+
+def _plain_error(scope, status: int, body: bytes, headers: dict) -> str:
+    """The message of a plain-text 4xx answer: its text (or the status's name), the request, the allowed methods."""
+    text = body.decode("utf-8", "replace").strip() or responses.get(status, "Client Error")
+    path = scope.get("path", "")
+    path = path if len(path) <= 100 else path[:100] + "..."
+    allowed = headers.get(b"allow")
+    return f"{text}: {scope.get('method', '')} {path}" + (f" (allowed: {allowed.decode('latin-1')})" if allowed else "")
 
 
 def _unwrap(body: bytes) -> bytes:

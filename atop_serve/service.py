@@ -43,7 +43,7 @@ from .engine import (View, images_row_seeds, load_engine, mean_over_samples, rea
                      sample_rows)
 from .errors import ImageError, ModelError
 from .fastpath import ClassifyForm, FastClassify
-from .forms import MAX_SEED, BatchInput, ClassifyInput, PurifyInput, Rejected, Upload
+from .forms import MAX_SEED, BatchInput, ClassifyInput, NoInput, PurifyInput, Rejected, Upload
 from .imageio import FORMAT_NAMES, REDUCING_GAP, RESAMPLE, encode_png, open_image, to_pixels
 from .middleware import BodyLimit, ErrorBody
 from .modelio import default_samples
@@ -56,6 +56,9 @@ MODEL_LABEL = MODEL_TAG or MODEL_CARD.get("name") or MODEL_FOLDER.name  # the "m
 DEFAULT_SAMPLES = SETTINGS.default_samples or min(default_samples(MODEL_CARD), SETTINGS.max_samples)
 DECODE_THREADS = 2  # images decoded at once in threads: bounds the memory of large uploads
 INLINE_DECODE_PIXELS = 128 * 128  # smaller images decode on the event loop (32x32 JPEG: ~0.1 ms), others in a thread
+# larger files are opened in a thread too: even reading a header can take seconds (a 32x32 PNG with 700,000 empty
+# chunks in 8 MB: 4 s), which on the event loop would stall every request of the worker; 64 KiB take at most ~30 ms
+INLINE_DECODE_BYTES = 64 * 1024
 ATTACK_WAITING = 2  # attack demo requests that may wait while one runs; more get 429
 log = logging.getLogger("bentoml.atop")
 
@@ -316,7 +319,7 @@ class AtopService:
             images=AttackImages(input=self._png_url(pixels), adversarial=self._png_url(adversarial),
                                 perturbation=self._png_url(perturbation)))
 
-    @bentoml.api(route="/metadata")
+    @bentoml.api(route="/metadata", input_spec=NoInput)
     async def metadata(self) -> dict:
         """The model card (classes, RT config, provenance, measured metrics) and the serving setup and versions."""
         return await self.describe()
@@ -365,8 +368,11 @@ class AtopService:
             with img:
                 return to_pixels(img, self.size, SETTINGS.max_pixels).tobytes()
 
+        data = upload.read_bytes()
         try:
-            img = open_image(upload.read_bytes())  # the header only: size known, nothing decoded yet
+            if len(data) > INLINE_DECODE_BYTES:
+                return await anyio.to_thread.run_sync(lambda: work(open_image(data)), limiter=self._decoding)
+            img = open_image(data)  # the header only: size known, nothing decoded yet
             w, h = img.size
             if w * h <= INLINE_DECODE_PIXELS:  # a thumbnail decodes faster than a hop to a thread and back
                 return work(img)

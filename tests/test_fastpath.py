@@ -70,6 +70,7 @@ def _field(name: str, value: bytes) -> bytes:
     _body(IMG_PART.replace(b'filename="a.png"', b"filename*=UTF-8''a.png")),  # an encoded filename
     _body(IMG_PART.replace(b'name="image"', b'name="im\\"age"')),           # an escaped quote
     _body(b"Content-Transfer-Encoding: base64\r\n" + IMG_PART),             # another part header
+    _body(IMG_PART.replace(b"image/png", b"image/png" + b"x" * 8000)),      # a header line the full path refuses
     _body(IMG_PART, end=b"\r\n"),                                          # no closing delimiter
     b"preamble\r\n" + _body(IMG_PART),                                     # a preamble
     _body(IMG_PART).replace(b"\r\n", b"\n"),                               # bare LF line ends

@@ -154,6 +154,11 @@ def test_metadata_get_and_post(server, det_folder):
     assert serving["seed_allowed"] is False and serving["limits"]["max_images"] == 8
     assert serving["limits"]["default_samples"] == card["pipeline"]["samples"] == 2
     assert server.post("/metadata", json={}).json() == meta
+    # the body of POST /metadata is ignored, whatever it holds (BentoML's parsing of it answered 500 to these)
+    for kw in ({"files": {"x": ("a.png", b"\x89PNG\xff")}}, {"data": {"x": "[" * 5000 + "]" * 5000}},
+               {"content": b"\xff" * 10, "headers": {"content-type": "application/json"}}):
+        got = server.post("/metadata", **kw)
+        assert got.status_code == 200 and got.json() == meta, got.text
     page = httpx.get(server.url + "/model_card")  # the same card, for people
     assert page.status_code == 200 and page.headers["content-type"] == "text/markdown; charset=utf-8"
     assert page.text == modelcard.render(card) and page.text.startswith(f"# {card['name']}\n")
@@ -222,6 +227,12 @@ ERROR_CASES = {  # name: (path, request keywords, status, text the message holds
                                           "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 400,
                             "malformed"),
     "unknown view": ("/purify", {"files": {"image": ("a.png", GOOD)}, "data": {"view": "noise"}}, 400, "view"),
+    "value nested too deeply": ("/classify", {"files": {"image": ("a.png", GOOD)},
+                                              "data": {"samples": "[" * 50_000 + "]" * 50_000}}, 400, "samples"),
+    "huge value quoted short": ("/inspect", {"files": {"image": ("a.png", GOOD)}, "data": {"seed": "x" * 200_000}},
+                                400, "... (200002 characters)"),
+    "long field name quoted short": ("/classify", {"files": {"image": ("a.png", GOOD)}, "data": {"f" * 500: "1"}},
+                                     400, "... (502 characters)"),
     "garbage to /purify": ("/purify", {"files": {"image": ("a.gif", b"GIF89a" + b"\0" * 10)}}, 422, "GIF"),
 }
 
@@ -234,7 +245,18 @@ def test_errors_are_clear_4xx(server, case):
     r = server.post(path, **kw)
     assert r.status_code == status, (r.status_code, r.text)
     body = r.json()
-    assert set(body) == {"error"} and text in body["error"], body
+    assert set(body) == {"error"} and text in body["error"] and len(body["error"]) < 1000, body
+
+
+def test_routing_errors_are_json(server):
+    """The 4xx answers of the routing and the static files have the JSON error shape of every other error."""
+    for method, path, status, text in (("GET", "/classify", 405, "GET /classify (allowed: POST)"),
+                                       ("PUT", "/metadata", 405, "Method Not Allowed"),
+                                       ("GET", "/nothing-here", 404, "Not Found: GET /nothing-here"),
+                                       ("GET", "/static/nothing-here.js", 404, "Not Found")):
+        r = httpx.request(method, server.url + path)
+        assert r.status_code == status and r.headers["content-type"] == "application/json", (r.status_code, r.text)
+        assert set(r.json()) == {"error"} and text in r.json()["error"], r.text
 
 
 def test_still_correct_after_bad_requests(server, det_folder, images):
@@ -584,3 +606,27 @@ def test_model_from_bentoml_store(det_folder, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     card_path, tag = out.stdout.split()
     assert json.loads(Path(card_path).read_text())["name"] == "random-0" and tag.startswith("atop-test:")
+
+
+def test_large_files_are_opened_off_the_event_loop(monkeypatch):
+    """A file above INLINE_DECODE_BYTES is opened (its header read) in a decoding thread, not on the event loop: a
+    32x32 PNG with hundreds of thousands of empty chunks takes seconds to open and would stall the whole worker."""
+    import asyncio
+    import threading
+    import types
+
+    from atop_serve import service
+    from atop_serve.forms import Upload
+
+    opened_in, open_image = [], service.open_image
+    monkeypatch.setattr(service, "open_image", lambda data: opened_in.append(threading.get_ident()) or open_image(data))
+    small = png(np.zeros((32, 32, 3), np.uint8))
+    chunk = struct.pack(">I", 0) + b"abCd" + struct.pack(">I", zlib.crc32(b"abCd"))  # an empty ancillary chunk
+    large = small[:33] + chunk * 10_000 + small[33:]  # 32x32, 120 KB: chunks after IHDR
+    worker = types.SimpleNamespace(_decoding=None, size=32)
+
+    async def decode_both():
+        return [await service.AtopService.inner._decode(worker, Upload(data)) for data in (small, large)]
+
+    assert asyncio.run(decode_both()) == [bytes(32 * 32 * 3)] * 2
+    assert opened_in[0] == threading.get_ident() != opened_in[1]
