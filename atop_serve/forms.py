@@ -14,7 +14,7 @@ from typing import ClassVar, Optional
 
 import bentoml
 from bentoml.exceptions import BadInput
-from pydantic import Field, ValidationError
+from pydantic import Field, StrictInt, ValidationError
 from starlette.datastructures import UploadFile
 
 from .engine import VIEWS, View
@@ -24,6 +24,8 @@ SETTINGS = settings.load()
 MAX_SEED = 2**63 - 1
 SHOWN_CHARS = 80  # the most of a client's value an error message quotes back (and the log line repeats)
 
+# StrictInt: a form value is JSON-decoded first, so "3" is the integer 3, while true, 1.0, 1e0 or "1_0" are refused
+# (lax validation read them as 1, 1, 1 and 10); the /classify fast path takes only plain decimals too
 SamplesField = Field(None, ge=1, le=SETTINGS.max_samples, description=(
     f"K purifications averaged (1..{SETTINGS.max_samples}): steadier and more robust, K times the compute. "
     "Default: the model's recommended K (GET /metadata: serving.limits.default_samples)."))
@@ -140,8 +142,8 @@ class ClassifyInput(FormInput):
     usage: ClassVar[str] = (f"fields: image (one file, required), samples (1..{SETTINGS.max_samples}, default: the "
                             "model's K), seed (int, only where the server allows it)")
     image: Path = Field(description="The image: PNG, JPEG, WebP, BMP, GIF (first frame) or TIFF, any size.")
-    samples: Optional[int] = SamplesField
-    seed: Optional[int] = SeedField
+    samples: Optional[StrictInt] = SamplesField
+    seed: Optional[StrictInt] = SeedField
 
 
 class BatchInput(FormInput):
@@ -149,8 +151,8 @@ class BatchInput(FormInput):
                             f"(1..{SETTINGS.max_samples}, default: the model's K), seed (int, only where the server allows it)")
     max_files: ClassVar[int] = SETTINGS.max_images
     images: list[Path] = Field(min_length=1, description=f"1 to {SETTINGS.max_images} images, in order.")
-    samples: Optional[int] = SamplesField
-    seed: Optional[int] = SeedField
+    samples: Optional[StrictInt] = SamplesField
+    seed: Optional[StrictInt] = SeedField
 
 
 class PurifyInput(FormInput):
@@ -159,4 +161,4 @@ class PurifyInput(FormInput):
     image: Path = Field(description="The image: PNG, JPEG, WebP, BMP, GIF (first frame) or TIFF, any size.")
     view: View = Field(
         "purified", description="purified: g(RT(x)); transformed: RT(x), the purifier's input; mask: RT's mask.")
-    seed: Optional[int] = SeedField
+    seed: Optional[StrictInt] = SeedField
