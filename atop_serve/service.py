@@ -36,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import __version__, demo_attack, modelcard, settings, web
+from . import __version__, demo_attack, heap, modelcard, settings, web
 from .balance import ConnectionBalance
 from .batcher import BatchStats, Overloaded, RowBatcher
 from .engine import (View, images_row_seeds, load_engine, mean_over_samples, read_serving_card, row_seeds,
@@ -366,7 +366,11 @@ class AtopService:
 
         def work(img: PIL.Image.Image) -> bytes:
             with img:
-                return to_pixels(img, self.size, SETTINGS.max_pixels).tobytes()
+                try:
+                    return to_pixels(img, self.size, SETTINGS.max_pixels).tobytes()
+                finally:
+                    if img.size[0] * img.size[1] > heap.TRIM_PIXELS:
+                        heap.trim()  # the decode's hundreds of MB back to the OS, not kept by the worker
 
         data = upload.read_bytes()
         try:
