@@ -33,7 +33,7 @@ ProgressOpt = typer.Option(True, help="Show a progress bar.")
 def data(
     root: str = typer.Argument("", help="Dataset root (default: $ATOP_DATA or ../shared/data/cifar10-jpeg)."),
     download: bool = typer.Option(False, help="Download the official CIFAR-10 archive (MD5-checked) first."),
-    size: int = typer.Option(32, help="Resize images of another size to this (bicubic, antialiased)."),
+    size: int = typer.Option(32, min=1, help="Resize images of another size to this (bicubic, antialiased)."),
 ):
     """Inspect and verify a dataset: format, counts per class and split, decode every image (cached)."""
     from training.data import detect_format, load_cifar10

@@ -132,6 +132,27 @@ def test_errors_name_the_problem(tmp_path, case):
         load_cifar10(root)
 
 
+@pytest.mark.parametrize("case", ["labels-short", "label-out-of-range", "batch-not-a-dict", "meta-not-a-dict"])
+def test_official_format_inconsistent_batches_are_refused(tmp_path, case):
+    """A batch whose labels do not match its images, or a pickle of another shape, is a DataError naming the file,
+    not a dataset `atop data` reports as valid (or a TypeError traceback)."""
+    d = _official(tmp_path)
+    name, content = {"labels-short": ("test_batch", {b"data": np.zeros((5, 3072), np.uint8), b"labels": [0, 1, 2, 3]}),
+                     "label-out-of-range": ("test_batch", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 99]}),
+                     "batch-not-a-dict": ("data_batch_2", [1, 2, 3]),
+                     "meta-not-a-dict": ("batches.meta", [1, 2, 3])}[case]
+    with open(d / name, "wb") as f:
+        pickle.dump(content, f)
+    with pytest.raises(DataError, match=name):
+        load_cifar10(d)
+
+
+def test_cli_data_rejects_a_size_below_one(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "atop_cli", "data", str(_folder(tmp_path / "ds")), "--size", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--size" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_cli_error_is_one_line_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "atop_cli", "data", str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode == 2

@@ -118,16 +118,25 @@ def _unpickle(path: Path) -> dict:
 
 def _load_cifar_python(root: Path, split: str) -> Dataset:
     meta = _unpickle(root / "batches.meta")
-    classes = [c.decode() if isinstance(c, bytes) else c for c in meta[b"label_names"]]
+    try:
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
+    except (KeyError, TypeError, UnicodeDecodeError) as e:
+        raise DataError(f"corrupt CIFAR-10 batch file {root / 'batches.meta'}: no list of label_names ({e})") from None
     files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     xs, ys = [], []
     for name in files:
         d = _unpickle(root / name)
         try:
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"], dtype=np.int64))
-        except (KeyError, ValueError) as e:
+            x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(d[b"labels"], dtype=np.int64).reshape(-1)
+            if len(y) != len(x):
+                raise ValueError(f"{len(x)} images but {len(y)} labels")
+            if len(y) and not (0 <= y.min() and y.max() < len(classes)):
+                raise ValueError(f"labels outside 0..{len(classes) - 1}, the classes of batches.meta")
+        except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"corrupt CIFAR-10 batch file {root / name}: {e}") from None
+        xs.append(x)
+        ys.append(y)
     return Dataset(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), classes, str(root))
 
 
