@@ -153,6 +153,22 @@ def test_cli_data_rejects_a_size_below_one(tmp_path):
     assert r.returncode == 2 and "--size" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_dangling_link_in_a_class_folder_is_a_data_error(tmp_path):
+    root = _folder(tmp_path / "ds")
+    (root / "train" / "dog" / "9999.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError, match="9999.png"):
+        load_cifar10(root)
+
+
+def test_cache_location_that_is_a_file_only_warns(tmp_path, monkeypatch, capsys):
+    """$ATOP_CACHE naming a file: the cache cannot be written, the data still loads (was: NotADirectoryError from
+    removing the temporary file that was never made)."""
+    (tmp_path / "not-a-folder").write_text("x")
+    monkeypatch.setenv("ATOP_CACHE", str(tmp_path / "not-a-folder"))
+    train = load_split(_folder(tmp_path / "ds"), "train")
+    assert len(train) == 12 and "could not cache" in capsys.readouterr().err
+
+
 def test_cli_error_is_one_line_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "atop_cli", "data", str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode == 2

@@ -13,6 +13,7 @@ under a second.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -201,7 +202,10 @@ def _load_folder(root: Path, split: str, size: int, use_cache: bool) -> Dataset:
     classes, files = _list_folder(root / split)
     h = hashlib.sha256(f"v1|{root.resolve()}|{split}|{size}".encode())
     for p, c in files:
-        st = p.stat()
+        try:
+            st = p.stat()
+        except OSError as e:  # a dangling link, or a file removed since the listing
+            raise DataError(f"cannot read image {p}: {e.strerror or e}") from None
         h.update(f"{p.name}|{c}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     cache = cache_dir() / f"{split}-{h.hexdigest()[:20]}.npz"
     if use_cache and cache.exists():
@@ -223,7 +227,8 @@ def _load_folder(root: Path, split: str, size: int, use_cache: bool) -> Dataset:
         except OSError as e:  # a full or read-only disk costs the next run a re-decode, never this run's data
             print(f"warning: could not cache decoded {split} images in {cache.parent}: {e}", file=sys.stderr)
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # no debris to remove where the cache folder could not be made
+                tmp.unlink(missing_ok=True)
     return Dataset(torch.from_numpy(images), torch.from_numpy(labels), classes, str(root))
 
 
