@@ -50,8 +50,10 @@ class Dataset:
 
     def balanced_subset(self, n: int, seed: int = 0) -> "Dataset":
         """A fixed, class-balanced subset of ``n`` images (the first n/C of each class after a seeded shuffle)."""
-        g = torch.Generator().manual_seed(seed)
         per = n // len(self.classes)
+        if per < 1:
+            raise DataError(f"a class-balanced subset of {n} images needs at least {len(self.classes)}, one per class")
+        g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(self), generator=g)
         idx = torch.cat([perm[self.labels[perm] == c][:per] for c in range(len(self.classes))])
         return self.subset(idx.sort().values)
