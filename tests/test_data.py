@@ -204,3 +204,19 @@ def test_real_dataset_counts():
     assert train.labels.bincount().tolist() == [5000] * 10
     sub = test.balanced_subset(1000)
     assert sub.labels.bincount().tolist() == [100] * 10
+
+
+def test_cli_ctrl_c_exits_130_with_a_message(tmp_path, monkeypatch, capsys):
+    """Ctrl-C inside a command: typer turned it into a silent exit 130; main() now says so (no traceback)."""
+    import atop_cli
+    import training.data
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.data, "load_cifar10", interrupted)
+    monkeypatch.setattr(sys, "argv", ["atop", "data", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        atop_cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.strip() == "interrupted", err
