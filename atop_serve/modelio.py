@@ -125,7 +125,7 @@ def load_purifier(path=None):
     try:
         rt = RTConfig.from_dict(card["purifier"].get("rt") or {})
     except (TypeError, ValueError) as e:
-        raise ModelError(f"model card in {folder} has a bad RT config: {e}") from None
+        raise ModelError(f"corrupt model card in {folder}: bad RT config: {e}") from None
     return _build("purifier", card["purifier"], folder, 0), rt
 
 
