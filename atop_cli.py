@@ -33,7 +33,7 @@ ProgressOpt = typer.Option(True, help="Show a progress bar.")
 def data(
     root: str = typer.Argument("", help="Dataset root (default: $ATOP_DATA or ../shared/data/cifar10-jpeg)."),
     download: bool = typer.Option(False, help="Download the official CIFAR-10 archive (MD5-checked) first."),
-    size: int = typer.Option(32, help="Resize images of another size to this (bicubic, antialiased)."),
+    size: int = typer.Option(32, min=1, help="Resize images of another size to this (bicubic, antialiased)."),
 ):
     """Inspect and verify a dataset: format, counts per class and split, decode every image (cached)."""
     from training.data import detect_format, load_cifar10
@@ -337,6 +337,11 @@ def classify(
     files = find_images(paths)
     target = AtomicFile(out) if out is not None else None  # checks --out before the model loads
     engine = load_engine(modelio.resolve(model), threads, graph=graph)
+    if out is not None:  # the path --out's rename replaces (a link itself, not its target)
+        place = lambda p: p.parent.resolve() / p.name  # noqa: E731
+        if place(out).parent == modelio.resolve(model).resolve() or place(out) in {place(f) for f in files}:
+            raise AtopError(f"--out {out} is in the model folder or is one of the images to classify: name a file "
+                            "elsewhere")
     k = samples or modelio.default_samples(engine.card)
     start, failed = time.perf_counter(), 0
     scores = FolderScore(engine.classes) if score else None
@@ -502,6 +507,10 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except SystemExit as e:
+        if e.code == 130:  # typer turns Ctrl-C inside a command into a silent exit 130: say why
+            typer.echo("interrupted", err=True)
+        raise
     except BrokenPipeError:  # the reader of standard output went away (`atop classify ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail again
         sys.exit(1)

@@ -39,12 +39,15 @@ class RTConfig:
     def __post_init__(self):
         if self.kind not in RT_KINDS:
             raise ValueError(f"unknown random transform {self.kind!r}; valid: {', '.join(RT_KINDS)}")
+        if not (isinstance(self.block, int) and isinstance(self.image_size, int) and 1 <= self.block <= self.image_size):
+            raise ValueError(f"block and image_size must be integers with 1 <= block <= image_size, got {self.block} "
+                             f"and {self.image_size}")
         if self.image_size % self.block:
             raise ValueError(f"block {self.block} does not divide image size {self.image_size}")
         if not 0.0 <= self.rate < 1.0:
             raise ValueError(f"rate must be in [0, 1), got {self.rate}")
-        if self.sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if not 0 <= self.sigma < float("inf"):
+            raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma}")
         if self.kind == "rt1" and self.sigma != 0:
             object.__setattr__(self, "sigma", 0.0)
         if self.kind != "rt3" and self.views != 1:

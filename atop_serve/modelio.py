@@ -133,7 +133,11 @@ def load_purifier(path=None):
     card = read_card(folder)
     if "purifier" not in card:
         raise ModelError(f"model folder {folder} holds no purifier")
-    return _build("purifier", card["purifier"], folder, 0), RTConfig.from_dict(card["purifier"]["rt"])
+    try:
+        rt = RTConfig.from_dict(card["purifier"].get("rt") or {})
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"corrupt model card in {folder}: bad RT config: {e}") from None
+    return _build("purifier", card["purifier"], folder, 0), rt
 
 
 def default_samples(card: dict) -> int:

@@ -162,6 +162,11 @@ class AtomicFile:
         if not self.path.parent.is_dir():
             raise DataError(f"--out {self.path}: folder {self.path.parent} does not exist")
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:  # a folder this process cannot write to fails now, not after the work
+            open(self.tmp, "w").close()
+            self.tmp.unlink()
+        except OSError as e:
+            raise DataError(f"--out {self.path}: cannot write in {self.path.parent} ({e.strerror or e})") from None
 
     def __enter__(self) -> io.TextIOWrapper:
         self.stream = open(self.tmp, "w", encoding="utf-8", newline="")

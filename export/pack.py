@@ -59,6 +59,9 @@ new one: ``training.purifier.settle_classifier_swap``); the card's evaluations, 
     if classifier is None:  # validate before writing (a swapped pair is validated by loading the result)
         modelio.load_pipeline(src) if "purifier" in card else modelio.load_classifier(src)
     out = Path(out)
+    if out.exists() and not (out / modelio.CARD).is_file():  # only a model folder is replaced
+        raise AtopError(f"--out {out} exists and is not a model folder (no {modelio.CARD}); it would be replaced "
+                        "as a whole: name a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

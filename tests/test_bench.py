@@ -341,3 +341,13 @@ def test_overhead_advice_follows_the_measured_variant():
     assert "full-resolution" in int8_full
     [fp32] = suggestions(report("fp32", None))
     assert "int8 for the purifier's convolutions" in fp32 and "gating on uint8" in fp32
+
+
+def test_out_that_is_a_file_is_refused_before_the_run(tmp_path):
+    """--out naming a file was a FileExistsError traceback after the whole benchmark had run."""
+    from atop_serve.errors import AtopError
+    from training.bench import BenchConfig
+
+    (tmp_path / "f").write_text("keep")
+    with pytest.raises(AtopError, match="is a file"):
+        BenchConfig(out=tmp_path / "f", quick=True, http=False).validate()

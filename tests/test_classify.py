@@ -129,3 +129,37 @@ def test_score_against_class_folders(tmp_path):
             "1 outside a class folder, 1 unreadable") in r.stderr
     r = atop("classify", tmp_path / "set" / "misc", "--score")
     assert r.returncode == 0 and "nothing to score" in r.stderr
+
+
+def test_out_inside_the_model_folder_or_over_an_input_is_refused(photos, tmp_path):
+    """--out naming a file of the model folder (its card.json) or one of the images being classified was replaced by
+    the results; now refused, exit 2, before anything is written."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for p in modelio.resolve("default").iterdir():
+        (model / p.name).write_bytes(p.read_bytes())
+    image = tmp_path / "a.png"
+    image.write_bytes((photos / "a.png").read_bytes())
+    for args, out in (((image, "--model", model), model / "card.json"), ((image,), image)):
+        before = out.read_bytes()
+        r = atop("classify", *args, "--out", out)
+        assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert out.read_bytes() == before
+
+
+def test_out_in_a_folder_that_cannot_be_written_is_a_clear_error(tmp_path, monkeypatch):
+    """The folder is probed when --out is checked, before the model loads (was: a traceback opening the temporary
+    file after the model had loaded)."""
+    import builtins
+
+    real_open = builtins.open
+
+    def refusing_open(file, mode="r", *a, **kw):
+        if "w" in mode and Path(file).parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(DataError, match="cannot write"):
+        AtomicFile(tmp_path / "r.csv")
+    assert list(tmp_path.iterdir()) == []

@@ -132,6 +132,43 @@ def test_errors_name_the_problem(tmp_path, case):
         load_cifar10(root)
 
 
+@pytest.mark.parametrize("case", ["labels-short", "label-out-of-range", "batch-not-a-dict", "meta-not-a-dict"])
+def test_official_format_inconsistent_batches_are_refused(tmp_path, case):
+    """A batch whose labels do not match its images, or a pickle of another shape, is a DataError naming the file,
+    not a dataset `atop data` reports as valid (or a TypeError traceback)."""
+    d = _official(tmp_path)
+    name, content = {"labels-short": ("test_batch", {b"data": np.zeros((5, 3072), np.uint8), b"labels": [0, 1, 2, 3]}),
+                     "label-out-of-range": ("test_batch", {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 99]}),
+                     "batch-not-a-dict": ("data_batch_2", [1, 2, 3]),
+                     "meta-not-a-dict": ("batches.meta", [1, 2, 3])}[case]
+    with open(d / name, "wb") as f:
+        pickle.dump(content, f)
+    with pytest.raises(DataError, match=name):
+        load_cifar10(d)
+
+
+def test_cli_data_rejects_a_size_below_one(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "atop_cli", "data", str(_folder(tmp_path / "ds")), "--size", "0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dangling_link_in_a_class_folder_is_a_data_error(tmp_path):
+    root = _folder(tmp_path / "ds")
+    (root / "train" / "dog" / "9999.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError, match="9999.png"):
+        load_cifar10(root)
+
+
+def test_cache_location_that_is_a_file_only_warns(tmp_path, monkeypatch, capsys):
+    """$ATOP_CACHE naming a file: the cache cannot be written, the data still loads (was: NotADirectoryError from
+    removing the temporary file that was never made)."""
+    (tmp_path / "not-a-folder").write_text("x")
+    monkeypatch.setenv("ATOP_CACHE", str(tmp_path / "not-a-folder"))
+    train = load_split(_folder(tmp_path / "ds"), "train")
+    assert len(train) == 12 and "could not cache" in capsys.readouterr().err
+
+
 def test_cli_error_is_one_line_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "atop_cli", "data", str(tmp_path / "nope")], capture_output=True, text=True)
     assert r.returncode == 2
@@ -167,3 +204,19 @@ def test_real_dataset_counts():
     assert train.labels.bincount().tolist() == [5000] * 10
     sub = test.balanced_subset(1000)
     assert sub.labels.bincount().tolist() == [100] * 10
+
+
+def test_cli_ctrl_c_exits_130_with_a_message(tmp_path, monkeypatch, capsys):
+    """Ctrl-C inside a command: typer turned it into a silent exit 130; main() now says so (no traceback)."""
+    import atop_cli
+    import training.data
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.data, "load_cifar10", interrupted)
+    monkeypatch.setattr(sys, "argv", ["atop", "data", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        atop_cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.strip() == "interrupted", err

@@ -346,6 +346,12 @@ def test_rate_sweep_overrides_rt_and_crafts_once(tmp_path, png_data, monkeypatch
     (["--model", "/nonexistent/folder"], "does not exist"),
     (["--eps", "eight"], "not a number"),
     (["--preset", "table9", "--out", "x"], "unknown --preset"),
+    (["--tta", "sideways"], "unknown --tta"),  # was a ValueError traceback
+    (["--eot", "0", "--threat", "pipeline", "--attacks", "fgsm"], "eot must be at least 1"),  # was a traceback
+    (["--restarts", "0", "--attacks", "pgd-2"], "restarts must be at least 1"),  # was a traceback
+    (["--attacks", "pgd-l2-5@eps=nan"], "finite"),  # was accepted
+    (["--sigma", "nan"], "--sigma"),  # was accepted: a report at sigma nan
+    (["--attacks", ","], "names no attack"),  # was an empty report that looked complete
 ])
 def test_bad_arguments_exit_2_with_one_line(args, msg, monkeypatch, capsys, tmp_path):
     model = make_model_folder(tmp_path / "model") if "--model" not in args else None
@@ -429,3 +435,20 @@ def test_record_writes_measured_reports_into_the_card(tmp_path, png_data, monkey
     (old / "report.json").write_text("{not json")
     code, _, err = _cli(monkeypatch, capsys, "record", str(old), "--model", str(model))
     assert code == 2 and "corrupt report" in err, err
+
+
+def test_fewer_images_than_classes_is_a_clear_error(tmp_path, png_data, monkeypatch, capsys):
+    """--n below the number of classes selects no image of a class-balanced subset (was: a torch.cat traceback)."""
+    model = make_model_folder(tmp_path / "model")
+    code, _, err = _cli(monkeypatch, capsys, "eval", "--model", str(model), "--n", "5", "--attacks", "clean",
+                        "--data", str(png_data), "--no-progress")
+    assert code == 2 and "at least 10" in err and "Traceback" not in err, err
+
+
+def test_sweep_checks_every_point_before_the_first_run(tmp_path, png_data, monkeypatch, capsys):
+    """A bad value late in --rates fails before any point is evaluated or the output folder is made."""
+    model = make_model_folder(tmp_path / "model")
+    code, _, err = _cli(monkeypatch, capsys, "sweep-rate", "--model", str(model), "--rates", "0,0.1,1", "--n", "10",
+                        "--attacks", "clean", "--data", str(png_data), "--out", str(tmp_path / "sweep"), "--no-progress")
+    assert code == 2 and "--rate must be in [0, 1)" in err, err
+    assert not (tmp_path / "sweep").exists()

@@ -524,3 +524,23 @@ def test_int8_weights_have_seven_bits(exported, pipeline, tmp_path):
     assert optimize.int8_weight_bits(q) == optimize.WEIGHT_BITS == 7 and optimize.int8_weight_bits(src) is None
     cpu_variant = exported["card"]["export"]["cpu_variant"]
     assert cpu_variant.get("weight_bits") == (7 if cpu_variant["shipped"] in optimize.INT8_RECIPES else None)
+
+
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_pack_refuses_an_out_that_is_not_a_model_folder(tmp_path, what):
+    """pack replaces --out as a whole: a folder without card.json (someone's files) was deleted, a file was a
+    NotADirectoryError traceback; both are now refused before anything is written."""
+    from atop_serve.errors import AtopError
+    from export.pack import pack
+
+    src = make_model_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    if what == "folder":
+        out.mkdir()
+        (out / "thesis.txt").write_text("keep")
+    else:
+        out.write_text("keep")
+    with pytest.raises(AtopError, match="not a model folder"):
+        pack(src, out)
+    assert (out / "thesis.txt" if what == "folder" else out).read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary folder left

@@ -357,3 +357,62 @@ def test_bf16_is_chosen_where_it_is_faster(tmp_path, monkeypatch):
         monkeypatch.setattr(cpu, "cpu_flags", lambda f=flags: None if f is None else frozenset(f))
         monkeypatch.setattr(cpu, "cpu_vendor", lambda v=vendor: v)
         assert common.fast_bf16(torch.device("cpu")) is expected, (flags, vendor)
+
+
+def _cli(monkeypatch, capsys, *args):
+    """Run `atop <args>` in this process: (exit status, standard error)."""
+    import atop_cli
+
+    monkeypatch.setattr(sys, "argv", ["atop", *args])
+    with pytest.raises(SystemExit) as e:
+        atop_cli.main()
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["classifier", "--epochs", "0"], "--epochs"),
+    (["classifier", "--batch-size", "0"], "--batch-size"),
+    (["classifier", "--lr", "-1"], "--lr"),
+    (["classifier", "--tta", "sideways"], "--tta"),
+    (["classifier", "--stop-after", "-1"], "--stop-after"),
+    (["purifier", "--sigma", "nan"], "sigma"),
+    (["purifier", "--rate", "1"], "rate"),
+    (["purifier", "--rt", "rt9"], "rt9"),
+    (["atop", "--model", "default", "--lambda", "nan"], "--lambda"),
+    (["atop", "--model", "default", "--attack", "pgd-x"], "--attack"),
+    (["atop", "--model", "default", "--clean-fraction", "2"], "--clean-fraction"),
+])
+def test_cli_training_options_out_of_range_fail_before_any_work(tmp_path, monkeypatch, capsys, args, expect):
+    """Each was a traceback (ZeroDivisionError, ValueError), or a run that silently ignored it (--lambda nan trained
+    without the classification loss, --epochs 0 wrote an untrained model folder): now exit 2, one line, nothing written."""
+    code, err = _cli(monkeypatch, capsys, "train", *args, "--out", str(tmp_path / "out"), "--limit", "100",
+                     "--data", str(tmp_path / "no-data-needed"))
+    assert code == 2 and expect in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["model-folder", "shipped", "file"])
+def test_cli_training_refuses_an_out_it_would_overwrite(tmp_path, monkeypatch, capsys, where):
+    """Without --resume, --out holding a model folder (or the shipped one, or a file) is refused before any work and
+    left as it was (was: a fresh run silently replaced its weights and card; a file was a traceback)."""
+    out = {"model-folder": tmp_path / "m", "shipped": modelio.DEFAULT_MODEL_DIR, "file": tmp_path / "f"}[where]
+    if where == "model-folder":
+        make_model_folder(out)
+    elif where == "file":
+        out.write_text("keep")
+    before = {p.name: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir()) if p.is_file()}
+    code, err = _cli(monkeypatch, capsys, "train", "classifier", "--out", str(out), "--limit", "100",
+                     "--data", str(tmp_path / "no-data-needed"))
+    assert code == 2 and "--out" in err and "Traceback" not in err, err
+    assert before == {p.name: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir()) if p.is_file()}
+
+
+def test_resume_from_a_checkpoint_of_another_architecture_is_an_error(tmp_path):
+    from atop_serve.errors import AtopError
+    from atop_serve.registry import create_classifier
+    from training import common
+
+    common.save_checkpoint(tmp_path / "checkpoint", common.prefixed("model", create_classifier("airnet").state_dict()), {})
+    tensors, _ = common.load_checkpoint(tmp_path / "checkpoint")
+    with pytest.raises(AtopError, match="does not fit"):
+        common.load_state(create_classifier("resnet18"), common.unprefixed("model", tensors), tmp_path / "checkpoint")

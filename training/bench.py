@@ -135,6 +135,8 @@ class BenchConfig:
         return Preset(**{**asdict(base), **over})
 
     def validate(self) -> None:
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise AtopError(f"--out {self.out} is a file; name a folder for the report")
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown:
             raise AtopError(f"unknown backend(s) {unknown}; valid: {', '.join(BACKENDS)}")

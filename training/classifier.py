@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from atop_serve import modelio
 from atop_serve.errors import AtopError
-from atop_serve.pipeline import TTAClassifier
+from atop_serve.pipeline import TTA_MODES, TTAClassifier
 from atop_serve.registry import create_classifier
 
 from . import common
@@ -235,6 +235,11 @@ def _frozen_helper(cfg: ClassifierConfig, rt: common.Runtime, option: str, share
 
 
 def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress: bool = True) -> dict:
+    out = Path(out)
+    common.check_run(out, resume, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, limit=cfg.limit,
+                     eval_n=cfg.eval_n, stop_after=cfg.stop_after)
+    if cfg.tta not in TTA_MODES:
+        raise AtopError(f"unknown --tta {cfg.tta!r}; valid: {', '.join(TTA_MODES)}")
     rt = common.setup_runtime(cfg.device)
     if cfg.bf16 is None:
         cfg.bf16 = common.fast_bf16(rt.device)
@@ -242,6 +247,8 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
     train_set, test_set = load_cifar10(cfg.data or None)
     if cfg.limit:
         train_set = train_set.balanced_subset(min(cfg.limit, len(train_set)), seed=cfg.seed)
+    if cfg.eval_n:  # chosen now: a bad --eval-n fails before the training, not after it
+        test_set = test_set.balanced_subset(min(cfg.eval_n, len(test_set)))
     model = create_classifier(cfg.arch, num_classes=len(train_set.classes))
     if hasattr(model, "init_whiten") and cfg.adversarial == "none":
         # data-initialised, then frozen (its bias trains for whiten_bias_epochs). Not for adversarial training:
@@ -266,7 +273,7 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
     start_epoch, elapsed, history = 0, 0.0, []
     if resume:
         tensors, meta = common.load_checkpoint(ckpt_dir)
-        model.load_state_dict(common.unprefixed("model", tensors))
+        common.load_state(model, common.unprefixed("model", tensors), ckpt_dir)
         common.load_optimizer_tensors(opt, tensors)
         if lookahead:
             lookahead.state = common.unprefixed("lookahead", tensors)
@@ -332,8 +339,6 @@ def train(cfg: ClassifierConfig, out: Path, resume: bool = False, show_progress:
         lookahead.update(model, decay=1.0)
     common.sync_buffers(model, rt)
     rank_hashes = common.rank_hashes(model, rt)
-    if cfg.eval_n:
-        test_set = test_set.balanced_subset(min(cfg.eval_n, len(test_set)))
     metrics = {}
     if rt.is_main:
         for mode in ("none", "flip", "flip-translate"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -106,6 +107,43 @@ def teardown(rt: Runtime) -> None:
 def epoch_generator(seed: int, epoch: int, stream: int = 0) -> torch.Generator:
     """A generator fixed by (seed, epoch, stream): a resumed run draws exactly what an uninterrupted one did."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1009 + stream)
+
+
+# ------------------------------------------------------------------------------------ arguments and --out
+def check_run(out: Path, resume: bool, *, epochs: int, batch_size: int, lr: float, limit: int, eval_n: int,
+              stop_after: int = 0) -> None:
+    """Fail before any work on a training run's arguments a user can fix: counts out of range, and an ``--out``
+    that is a file, the shipped model folder, or (without --resume) a folder already holding a model or a
+    checkpoint, whose weights and card the run would replace."""
+    from atop_serve.modelio import CARD, DEFAULT_MODEL_DIR
+
+    for name, value, least in (("epochs", epochs, 1), ("batch-size", batch_size, 1), ("limit", limit, 0),
+                               ("eval-n", eval_n, 0), ("stop-after", stop_after, 0)):
+        if value < least:
+            raise AtopError(f"--{name} must be at least {least}, got {value}")
+    if not 0 < lr < math.inf:
+        raise AtopError(f"--lr must be a finite number > 0, got {lr}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AtopError(f"--out {out} is a file; name a folder for the model")
+    if out.resolve() == DEFAULT_MODEL_DIR.resolve():
+        raise AtopError(f"--out {out} is the shipped model folder; train into a folder of its own (e.g. runs/name)")
+    if not resume and ((out / CARD).exists() or (out / "checkpoint").exists()):
+        raise AtopError(f"--out {out} already holds a model or a checkpoint: name a new folder, or add --resume to "
+                        "continue its checkpoint")
+    parent = next(p for p in (out, *out.parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise AtopError(f"--out {out}: cannot write under {parent}")
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``module.load_state_dict(state)`` from the checkpoint in ``path``; one of another configuration (another
+    architecture or width) is an AtopError, not a traceback."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise AtopError(f"the checkpoint in {path} does not fit this run's {type(module).__name__}: it was written "
+                        "with other options (architecture, width); resume with those, or start a new --out") from None
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

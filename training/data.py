@@ -13,6 +13,7 @@ under a second.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -49,8 +50,10 @@ class Dataset:
 
     def balanced_subset(self, n: int, seed: int = 0) -> "Dataset":
         """A fixed, class-balanced subset of ``n`` images (the first n/C of each class after a seeded shuffle)."""
-        g = torch.Generator().manual_seed(seed)
         per = n // len(self.classes)
+        if per < 1:
+            raise DataError(f"a class-balanced subset of {n} images needs at least {len(self.classes)}, one per class")
+        g = torch.Generator().manual_seed(seed)
         perm = torch.randperm(len(self), generator=g)
         idx = torch.cat([perm[self.labels[perm] == c][:per] for c in range(len(self.classes))])
         return self.subset(idx.sort().values)
@@ -118,16 +121,25 @@ def _unpickle(path: Path) -> dict:
 
 def _load_cifar_python(root: Path, split: str) -> Dataset:
     meta = _unpickle(root / "batches.meta")
-    classes = [c.decode() if isinstance(c, bytes) else c for c in meta[b"label_names"]]
+    try:
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
+    except (KeyError, TypeError, UnicodeDecodeError) as e:
+        raise DataError(f"corrupt CIFAR-10 batch file {root / 'batches.meta'}: no list of label_names ({e})") from None
     files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     xs, ys = [], []
     for name in files:
         d = _unpickle(root / name)
         try:
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[b"labels"], dtype=np.int64))
-        except (KeyError, ValueError) as e:
+            x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            y = np.asarray(d[b"labels"], dtype=np.int64).reshape(-1)
+            if len(y) != len(x):
+                raise ValueError(f"{len(x)} images but {len(y)} labels")
+            if len(y) and not (0 <= y.min() and y.max() < len(classes)):
+                raise ValueError(f"labels outside 0..{len(classes) - 1}, the classes of batches.meta")
+        except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"corrupt CIFAR-10 batch file {root / name}: {e}") from None
+        xs.append(x)
+        ys.append(y)
     return Dataset(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), classes, str(root))
 
 
@@ -192,7 +204,10 @@ def _load_folder(root: Path, split: str, size: int, use_cache: bool) -> Dataset:
     classes, files = _list_folder(root / split)
     h = hashlib.sha256(f"v1|{root.resolve()}|{split}|{size}".encode())
     for p, c in files:
-        st = p.stat()
+        try:
+            st = p.stat()
+        except OSError as e:  # a dangling link, or a file removed since the listing
+            raise DataError(f"cannot read image {p}: {e.strerror or e}") from None
         h.update(f"{p.name}|{c}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     cache = cache_dir() / f"{split}-{h.hexdigest()[:20]}.npz"
     if use_cache and cache.exists():
@@ -214,7 +229,8 @@ def _load_folder(root: Path, split: str, size: int, use_cache: bool) -> Dataset:
         except OSError as e:  # a full or read-only disk costs the next run a re-decode, never this run's data
             print(f"warning: could not cache decoded {split} images in {cache.parent}: {e}", file=sys.stderr)
         finally:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # no debris to remove where the cache folder could not be made
+                tmp.unlink(missing_ok=True)
     return Dataset(torch.from_numpy(images), torch.from_numpy(labels), classes, str(root))
 
 

@@ -37,6 +37,7 @@ from atop_serve import modelio
 from atop_serve.config import RT_KINDS, RTConfig
 from atop_serve.cpu import CPU_FLAGS, cpu_flags
 from atop_serve.errors import AtopError
+from atop_serve.pipeline import TTA_MODES
 from atop_serve.transforms import RTInputs, draw_rt_inputs
 
 from . import common
@@ -168,8 +169,16 @@ def parse_attack(text: str, cfg: "EvalConfig") -> AttackSpec:
         p = {"eps": eps, "norm": "linf", "version": "rand", "steps": int(over.get("steps", 100)), "eot": eot,
              "components": ["apgd-ce", "apgd-dlr"]}
     for name in ("eps", "budget"):
-        if name in p and not 0 <= p[name] <= 1 + 1e-9 and not l2:
+        if name in p and not l2 and not 0 <= p[name] <= 1 + 1e-9:
             raise AtopError(f"attack {text!r}: {name} {p[name]} outside [0, 1] (images are in [0, 1])")
+        if name in p and l2 and not 0 <= p[name] < math.inf:
+            raise AtopError(f"attack {text!r}: {name} {p[name]} must be a finite number >= 0")
+    if "alpha" in p and not 0 <= p["alpha"] < math.inf:
+        raise AtopError(f"attack {text!r}: step size alpha {p['alpha']} must be a finite number >= 0")
+    for name in ("eot", "restarts", "targets", "queries"):
+        if name in p and p[name] < 1:
+            raise AtopError(f"attack {text!r}: {name} must be at least 1, got {p[name]}"
+                            + (f" (--{name} or @{name}=)" if name in ("eot", "restarts") else f" (@{name}=)"))
     return AttackSpec(key, family, p)
 
 
@@ -731,6 +740,14 @@ def validate(cfg: EvalConfig) -> None:
             raise AtopError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.n < 1 or cfg.batch_size < 1:
         raise AtopError(f"--n and --batch-size must be positive, got {cfg.n} and {cfg.batch_size}")
+    if cfg.tta is not None and cfg.tta not in TTA_MODES:
+        raise AtopError(f"unknown --tta {cfg.tta!r}; valid: {', '.join(TTA_MODES)}")
+    if cfg.sigma is not None and not 0 <= cfg.sigma < math.inf:
+        raise AtopError(f"--sigma must be a finite number >= 0, got {cfg.sigma}")
+    if cfg.rate is not None and not 0 <= cfg.rate < 1:
+        raise AtopError(f"--rate must be in [0, 1), got {cfg.rate}")
+    if not cfg.attacks and not cfg.sanity:
+        raise AtopError("--attacks names no attack: give at least one, e.g. clean,fgsm,pgd-20")
     for a in cfg.attacks:
         parse_attack(a, cfg)
     if cfg.sanity:

@@ -32,6 +32,7 @@ terms stay as in AToP.
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -183,6 +184,22 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
     ``classifier_source`` (atop): take the classifier from this folder instead."""
     if cfg.mode not in ("pretrain", "atop"):
         raise AtopError(f"unknown mode {cfg.mode!r}")
+    out = Path(out)
+    common.check_run(out, resume, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, limit=cfg.limit,
+                     eval_n=cfg.eval_n)
+    try:
+        cfg.rt_config()
+    except (TypeError, ValueError) as e:
+        raise AtopError(f"bad random transform (--rt, --sigma, --rate): {e}") from None
+    if not (cfg.attack in ("fgsm", "none") or re.fullmatch(r"pgd-[1-9]\d*", cfg.attack)):
+        raise AtopError(f"unknown --attack {cfg.attack!r}; use fgsm, pgd-<k> (k >= 1) or none")
+    for name, value in (("lambda", cfg.lam), ("gan-weight", cfg.gan_weight)):
+        if not 0 <= value < math.inf:
+            raise AtopError(f"--{name} must be a finite number >= 0, got {value}")
+    if not 0 <= cfg.clean_fraction <= 1:
+        raise AtopError(f"--clean-fraction must be in [0, 1], got {cfg.clean_fraction}")
+    if cfg.warmup_epochs < 0:
+        raise AtopError(f"--warmup-epochs must be at least 0, got {cfg.warmup_epochs}")
     if cfg.cls_target not in CLS_TARGETS:
         raise AtopError(f"unknown --cls-target {cfg.cls_target!r}; use {' or '.join(CLS_TARGETS)}")
     if cfg.attack_target not in ("classifier", "pipeline"):
@@ -246,8 +263,8 @@ def train(cfg: PurifierConfig, out: Path, source: Path | None, resume: bool = Fa
     ckpt_dir, start_epoch, elapsed, history = out / "checkpoint", 0, 0.0, []
     if resume:
         tensors, meta = common.load_checkpoint(ckpt_dir)
-        g.load_state_dict(common.unprefixed("g", tensors))
-        d.load_state_dict(common.unprefixed("d", tensors))
+        common.load_state(g, common.unprefixed("g", tensors), ckpt_dir)
+        common.load_state(d, common.unprefixed("d", tensors), ckpt_dir)
         common.load_optimizer_tensors(opt_g, common.unprefixed("og", tensors))
         common.load_optimizer_tensors(opt_d, common.unprefixed("od", tensors))
         start_epoch, elapsed, history = meta["epoch"] + 1, meta["elapsed"], meta["history"]

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import common
-from .evaluate import EvalConfig, evaluate
+from .evaluate import EvalConfig, evaluate, validate
 
 PARAMS = {"sigma": "RT noise sigma (images in [0, 1])", "rate": "RT mask rate (share of blocks missing)"}
 
@@ -24,6 +24,8 @@ PARAMS = {"sigma": "RT noise sigma (images in [0, 1])", "rate": "RT mask rate (s
 def sweep_rt(folder, param: str, values: list[float], cfg: EvalConfig, out: Path, show_progress: bool = True) -> dict:
     if param not in PARAMS:
         raise ValueError(f"unknown RT parameter {param!r}; valid: {', '.join(PARAMS)}")
+    for v in values:  # every point's arguments, before the first point's run
+        validate(replace(cfg, **{param: v}))
     out.mkdir(parents=True, exist_ok=True)
     rows, adv_cache = [], {}
     for v in values:
