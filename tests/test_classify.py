@@ -82,7 +82,8 @@ def test_out_file_is_complete_or_untouched(photos, tmp_path):
     out = tmp_path / "results.csv"
     out.write_text("an earlier run's results\n")
     for args, msg in (((tmp_path / "nope",), "does not exist"), ((photos, "--format", "xml"), "valid: table, csv"),
-                      ((photos, "--model", tmp_path), "not a model folder")):
+                      ((photos, "--model", tmp_path), "not a model folder"),
+                      ((photos, "--threads", 100000), "--threads")):  # 100000: hung creating threads
         r = atop("classify", *args, "--out", out)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert out.read_text() == "an earlier run's results\n"
