@@ -38,7 +38,7 @@ def _minutes(s: Any) -> str:
     return f"{s / 60:.1f} min" if isinstance(s, (int, float)) else "?"
 
 
-def _gflops(n: Any) -> str:
+def _mflops(n: Any) -> str:
     return f"{n / 1e6:.0f} MFLOPs" if isinstance(n, (int, float)) else "?"
 
 
@@ -90,8 +90,8 @@ def _overview(card: dict) -> list[str]:
         rows.append(("purifications per prediction", f"K = {k}, class probabilities averaged{mirror}"))
     flops = card.get("flops") or {}
     if flops.get("purifier") and flops.get("classifier_single_pass"):
-        rows.append(("forward cost per image", f"purifier {_gflops(flops['purifier'])} + classifier "
-                                               f"{_gflops(flops['classifier_single_pass'])} per purification "
+        rows.append(("forward cost per image", f"purifier {_mflops(flops['purifier'])} + classifier "
+                                               f"{_mflops(flops['classifier_single_pass'])} per purification "
                                                f"(`{flops.get('command', '?')}`)"))
     files = ((card.get("export") or {}).get("files") or {})
     for name in ("classifier", "purifier"):
