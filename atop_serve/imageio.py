@@ -7,6 +7,7 @@ Policy (what users' photos go through, in order):
      from the header before any pixel is decoded; Pillow's own check (``Image.MAX_IMAGE_PIXELS``, an error
      above twice that) applies on top.
   3. JPEG: decoded at a reduced DCT scale when far larger than needed (``draft``): much faster on photos.
+     ``plan`` does 2 and 3 and says how many pixels decoding will produce (the service's per-request budget).
   4. EXIF orientation is applied (``ImageOps.exif_transpose``); an unreadable EXIF block is ignored.
   5. colour: every mode becomes RGB. Transparency (RGBA, LA, P or L/RGB with a transparent colour) is
      composited on white; CMYK/YCbCr/L/1 convert as Pillow does; 16-bit integer images (I;16*, I) are
@@ -73,11 +74,7 @@ def sniff(data: bytes) -> str | None:
 def to_pixels(img: Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An opened image (``open_image``) -> uint8 RGB (size, size, 3): the module's policy (limit, orientation,
     colour, resize)."""
-    w, h = img.size
-    if w * h > max_pixels:
-        raise ImageTooLarge(f"the image is {w}x{h} ({w * h / 1e6:.1f} MP); the limit is {max_pixels / 1e6:g} MP")
-    if img.format in ("JPEG", "MPO"):
-        img.draft(None, (2 * size, 2 * size))  # DCT-domain downscale, still >= 2x the target
+    plan(img, size, max_pixels)
     try:
         img.load()
     except Exception as e:  # noqa: BLE001
@@ -94,6 +91,19 @@ def to_pixels(img: Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS)
         return np.asarray(rgb, dtype=np.uint8).copy()
     except Exception as e:  # noqa: BLE001
         raise CorruptImage(f"the image cannot be converted to RGB: {_reason(e)}") from None
+
+
+def plan(img: Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Check an opened image (``open_image``) against ``max_pixels`` and choose how it decodes (a JPEG far larger
+    than needed at a reduced DCT scale) -> the pixels decoding it will produce: what a per-request budget counts.
+    Nothing is decoded; ``to_pixels`` calls it too (a second call changes nothing)."""
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"the image is {w}x{h} ({w * h / 1e6:.1f} MP); the limit is {max_pixels / 1e6:g} MP")
+    if img.format in ("JPEG", "MPO"):
+        img.draft(None, (2 * size, 2 * size))  # DCT-domain downscale, still >= 2x the target; sets img.size
+    w, h = img.size
+    return w * h
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -44,8 +44,9 @@ from .engine import (View, images_row_seeds, load_engine, mean_over_samples, rea
 from .errors import ImageError, ModelError
 from .fastpath import ClassifyForm, FastClassify
 from .forms import MAX_SEED, BatchInput, ClassifyInput, NoInput, PurifyInput, Rejected, Upload
-from .imageio import FORMAT_NAMES, REDUCING_GAP, RESAMPLE, encode_png, open_image, to_pixels
+from .imageio import FORMAT_NAMES, REDUCING_GAP, RESAMPLE, encode_png, open_image, plan, to_pixels
 from .middleware import BodyLimit, ErrorBody
+from .openapi import CompleteSpec
 from .modelio import default_samples
 
 SETTINGS = settings.load()
@@ -56,11 +57,14 @@ MODEL_LABEL = MODEL_TAG or MODEL_CARD.get("name") or MODEL_FOLDER.name  # the "m
 DEFAULT_SAMPLES = SETTINGS.default_samples or min(default_samples(MODEL_CARD), SETTINGS.max_samples)
 DECODE_THREADS = 2  # images decoded at once in threads: bounds the memory of large uploads
 INLINE_DECODE_PIXELS = 128 * 128  # smaller images decode on the event loop (32x32 JPEG: ~0.1 ms), others in a thread
-# larger files are opened in a thread too: even reading a header can take seconds (a 32x32 PNG with 700,000 empty
-# chunks in 8 MB: 4 s), which on the event loop would stall every request of the worker; 64 KiB take at most ~30 ms
-INLINE_DECODE_BYTES = 64 * 1024
+INLINE_DECODE_BYTES = 64 * 1024  # larger files are opened (header read) in a thread too: see AtopService._open
 ATTACK_WAITING = 2  # attack demo requests that may wait while one runs; more get 429
 log = logging.getLogger("bentoml.atop")
+
+
+def _as_rejected(e: BaseException, where: str) -> BaseException:
+    """An image's error as the 4xx answer naming the file (``where``); other errors unchanged."""
+    return Rejected(f"{where}{e}", e.http_status) if isinstance(e, ImageError) else e
 
 
 class Classification(BaseModel):
@@ -223,12 +227,12 @@ class AtopService:
             self.bare_missing = str(e)
         log.info("atop service: model %s (%s) | backend %s, %s | providers %s | RT %s | %d classes | %d worker(s) x %d "
                  "thread(s) | batches up to %d rows, deadline %d ms | seeds %s | limits: %d samples, %d images, %d "
-                 "bytes, %d pixels | attack demo %s | loaded in %.1f s",
+                 "bytes, %d pixels, %d pixels a request | attack demo %s | loaded in %.1f s",
                  self.label, MODEL_FOLDER, self.engine.backend, self.engine.describe().get("graph", "eager"),
                  ",".join(self.engine.providers), self.engine.rt.kind, len(self.classes),
                  SETTINGS.serving_workers(), threads, SETTINGS.max_batch_size, SETTINGS.max_latency_ms,
                  "allowed" if SETTINGS.allow_seed else "refused", SETTINGS.max_samples,
-                 SETTINGS.max_images, SETTINGS.max_request_bytes, SETTINGS.max_pixels,
+                 SETTINGS.max_images, SETTINGS.max_request_bytes, SETTINGS.max_pixels, SETTINGS.max_request_pixels,
                  f"on ({SETTINGS.attack_seconds:g} s, {SETTINGS.attack_queries} queries)" if self.bare
                  else f"off: {self.bare_missing}", time.perf_counter() - start)
 
@@ -246,12 +250,7 @@ class AtopService:
         """Classify several images (repeat the `images` field); the answers come in the order of the files."""
         self._check_seed(seed)
         samples = samples or DEFAULT_SAMPLES
-        decoded = await asyncio.gather(*(self._decode(p, f"image {i + 1} of {len(images)}: ")
-                                         for i, p in enumerate(images)), return_exceptions=True)
-        for d in decoded:  # the first bad file, in upload order
-            if isinstance(d, BaseException):
-                raise d
-        pixels = list(decoded)
+        pixels = await self._decode_all(images, [f"image {i + 1} of {len(images)}: " for i in range(len(images))])
         return [self._classification(p, samples) for p in await self._probs(pixels, samples, seed)]
 
     @bentoml.api(route="/purify", input_spec=PurifyInput)
@@ -345,7 +344,8 @@ class AtopService:
                                 f"reducing_gap={REDUCING_GAP}",
                       "transparency": "composited on white", "exif_orientation": "applied"},
             "limits": {"max_samples": SETTINGS.max_samples, "default_samples": DEFAULT_SAMPLES, "max_images": SETTINGS.max_images,
-                       "max_request_bytes": SETTINGS.max_request_bytes, "max_pixels": SETTINGS.max_pixels},
+                       "max_request_bytes": SETTINGS.max_request_bytes, "max_pixels": SETTINGS.max_pixels,
+                       "max_request_pixels": SETTINGS.max_request_pixels},
             "batching": {"max_batch_size": SETTINGS.max_batch_size, "max_latency_ms": SETTINGS.max_latency_ms,
                          "workers": SETTINGS.serving_workers(), "threads_per_worker": SETTINGS.threads_per_worker()},
             "seed_allowed": SETTINGS.allow_seed, "fast_path": SETTINGS.fast_path,
@@ -361,10 +361,56 @@ class AtopService:
                            "random draws (an operator can allow seeds with ATOP_ALLOW_SEED=1)")
 
     async def _decode(self, upload: Upload, where: str = "") -> bytes:
+        [pixels] = await self._decode_all([upload], [where])
+        return pixels
+
+    async def _decode_all(self, uploads: list[Upload], wheres: list[str]) -> list[bytes]:
+        """Uploads -> their pixels (bytes of uint8 size x size x 3 each), in order. Every header is read first, so
+        each image's size is known before any pixel is decoded: an image above ATOP_MAX_PIXELS, or a request whose
+        images decode to more than ATOP_MAX_REQUEST_PIXELS in all, is refused (413) before the costly part. The
+        error is the first bad file in upload order (files whose header cannot be read before those whose pixels
+        cannot), prefixed with ``wheres``."""
         if self._decoding is None:
             self._decoding = anyio.CapacityLimiter(DECODE_THREADS)
+        opened = await asyncio.gather(*(self._open(u) for u in uploads), return_exceptions=True)
+        try:
+            costs = []
+            for img, where in zip(opened, wheres):
+                if isinstance(img, BaseException):
+                    raise _as_rejected(img, where)
+                try:
+                    costs.append(plan(img, self.size, SETTINGS.max_pixels))
+                except ImageError as e:
+                    raise Rejected(f"{where}{e}", e.http_status) from None
+            if sum(costs) > SETTINGS.max_request_pixels:
+                raise Rejected(f"the {len(uploads)} images of this request decode to {sum(costs) / 1e6:.1f} MP in all; "
+                               f"the limit is {SETTINGS.max_request_pixels / 1e6:g} MP per request: send fewer or "
+                               "smaller images in each", 413)
+        except BaseException:
+            for img in opened:
+                if isinstance(img, Image.Image):
+                    img.close()
+            raise
+        done = await asyncio.gather(*(self._pixels(img, len(u.read_bytes()) > INLINE_DECODE_BYTES)
+                                      for img, u in zip(opened, uploads)), return_exceptions=True)
+        for d, where in zip(done, wheres):
+            if isinstance(d, BaseException):
+                raise _as_rejected(d, where)
+        return list(done)
 
-        def work(img: PIL.Image.Image) -> bytes:
+    async def _open(self, upload: Upload) -> Image.Image:
+        """An upload's header (``open_image``): in a decoding thread for a large file, where even the header can
+        take seconds (a 32x32 PNG with 700,000 empty chunks in 8 MB: 4 s) and would stall every request of the
+        worker on the event loop; 64 KiB take at most ~30 ms."""
+        data = upload.read_bytes()
+        if len(data) > INLINE_DECODE_BYTES:
+            return await anyio.to_thread.run_sync(open_image, data, limiter=self._decoding)
+        return open_image(data)
+
+    async def _pixels(self, img: Image.Image, large_file: bool) -> bytes:
+        """An opened, planned image -> its pixels: on the event loop for a thumbnail (faster than a hop to a thread
+        and back), in a decoding thread otherwise; the image is closed either way."""
+        def work(img: Image.Image) -> bytes:
             with img:
                 try:
                     return to_pixels(img, self.size, SETTINGS.max_pixels).tobytes()
@@ -372,17 +418,10 @@ class AtopService:
                     if img.size[0] * img.size[1] > heap.TRIM_PIXELS:
                         heap.trim()  # the decode's hundreds of MB back to the OS, not kept by the worker
 
-        data = upload.read_bytes()
-        try:
-            if len(data) > INLINE_DECODE_BYTES:
-                return await anyio.to_thread.run_sync(lambda: work(open_image(data)), limiter=self._decoding)
-            img = open_image(data)  # the header only: size known, nothing decoded yet
-            w, h = img.size
-            if w * h <= INLINE_DECODE_PIXELS:  # a thumbnail decodes faster than a hop to a thread and back
-                return work(img)
-            return await anyio.to_thread.run_sync(work, img, limiter=self._decoding)
-        except ImageError as e:
-            raise Rejected(f"{where}{e}", e.http_status) from None
+        w, h = img.size
+        if not large_file and w * h <= INLINE_DECODE_PIXELS:
+            return work(img)
+        return await anyio.to_thread.run_sync(work, img, limiter=self._decoding)
 
     async def _probs(self, pixels: list[bytes], samples: int, seed: int | None) -> list[np.ndarray]:
         """Mean class probabilities of each image over `samples` purifications, each with its own draws (and the
@@ -463,6 +502,7 @@ for _api in ("classify", "classify_batch", "inspect", "attack_demo", "metadata")
 AtopService.add_asgi_middleware(ConnectionBalance, workers=SETTINGS.serving_workers(),
                                 worker_index=lambda: bentoml.server_context.worker_index)
 AtopService.add_asgi_middleware(ErrorBody)
+AtopService.add_asgi_middleware(CompleteSpec)  # /docs.json lists every answer and GET route
 AtopService.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_request_bytes)
 _JSON_HEADERS = [(b"content-type", b"application/json"), (b"server", b"BentoML Service/atop")]
 

@@ -10,6 +10,9 @@
     ATOP_MAX_IMAGES          largest number of images in one /classify_batch request
     ATOP_MAX_REQUEST_BYTES   largest request body, in bytes (413 above)
     ATOP_MAX_PIXELS          largest decoded image, width x height (413 above)
+    ATOP_MAX_REQUEST_PIXELS  most pixels the images of one request decode to in all (413 above; at least
+                             ATOP_MAX_PIXELS): bounds the decoding work of one /classify_batch (a JPEG far larger
+                             than 32x32 counts at the reduced scale it decodes at)
     ATOP_MAX_BATCH_SIZE      batching: most purification samples (rows) in one model call
     ATOP_MAX_LATENCY_MS      batching: the queueing deadline; a request whose rows are still queued after it gets 503,
                              so keep it above the time of the largest request (max images x max samples rows)
@@ -44,6 +47,9 @@ from pathlib import Path
 from .errors import AtopError, ModelError
 from .imageio import DEFAULT_MAX_PIXELS
 
+# 4 x the largest single image: 4 x 49 MP PNGs decode in about 1.5 s on 2 cores, 50 of them took 16-18 s (docs/service.md)
+DEFAULT_MAX_REQUEST_PIXELS = 4 * DEFAULT_MAX_PIXELS
+
 GRAPH_CHOICES = ("auto", "fp32", "opt")
 TRACING_CHOICES = ("auto", "on", "off")
 MAX_ATTACK_SECONDS = 30.0  # one attack holds a CPU core for this long at most
@@ -60,6 +66,7 @@ class Settings:
     max_images: int = 64                     # files in one /classify_batch
     max_request_bytes: int = 10 * 1024 * 1024  # request body, bytes
     max_pixels: int = DEFAULT_MAX_PIXELS     # decoded image, width x height
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS  # decoded pixels of one request's images in all
     max_batch_size: int = 128                # rows (image x sample) per model call (docs/benchmarks.md)
     max_latency_ms: int = 2100               # batching queue deadline, ms (503 beyond; docs/benchmarks.md)
     workers: int = 0                         # serving processes; 0: one per usable core, at most MAX_AUTO_WORKERS
@@ -97,11 +104,14 @@ class Settings:
             except ValueError:
                 raise AtopError(f"ATOP_{f.name.upper()}={raw!r} is not a valid {f.type}") from None
         s = cls(**kw)
-        positive = ("max_samples", "max_images", "max_request_bytes", "max_pixels", "max_batch_size", "max_latency_ms",
-                    "attack_queries")
+        positive = ("max_samples", "max_images", "max_request_bytes", "max_pixels", "max_request_pixels",
+                    "max_batch_size", "max_latency_ms", "attack_queries")
         for name in positive:
             if getattr(s, name) < 1:
                 raise AtopError(f"ATOP_{name.upper()} must be >= 1, got {getattr(s, name)}")
+        if s.max_request_pixels < s.max_pixels:
+            raise AtopError(f"ATOP_MAX_REQUEST_PIXELS ({s.max_request_pixels}) must be at least ATOP_MAX_PIXELS "
+                            f"({s.max_pixels}): else a single image within the per-image limit would be refused")
         if not 0 < s.attack_seconds <= MAX_ATTACK_SECONDS:  # `not` also catches NaN
             raise AtopError(f"ATOP_ATTACK_SECONDS must be in (0, {MAX_ATTACK_SECONDS:g}], got {s.attack_seconds}")
         if not 0 <= s.default_samples <= s.max_samples:

@@ -169,6 +169,20 @@ def test_large_jpeg_photo_decodes_fast_path():
     assert out.shape == (32, 32, 3) and np.abs(out.astype(int) - ref).mean() < 12
 
 
+def test_plan_counts_the_pixels_decoding_produces():
+    """``plan`` (what the service's per-request budget counts): a PNG decodes whole, a large JPEG at the reduced DCT
+    scale ``to_pixels`` then uses, and a second call (inside ``to_pixels``) changes nothing."""
+    with imageio.open_image(encode(Image.new("RGB", (300, 200)), "PNG")) as img:
+        assert imageio.plan(img, 32) == 300 * 200
+    photo = encode(Image.fromarray(smooth(32)).resize((1024, 768)), "JPEG")
+    with imageio.open_image(photo) as img:
+        assert imageio.plan(img, 32) == (1024 // 8) * (768 // 8)  # 1/8 scale: still >= 2 x 32 on each side
+        assert imageio.plan(img, 32) == 128 * 96 and imageio.to_pixels(img, 32).shape == (32, 32, 3)
+    assert np.array_equal(imageio.decode(photo), imageio.to_pixels(imageio.open_image(photo), 32))
+    with imageio.open_image(encode(Image.new("RGB", (300, 200)), "PNG")) as img, pytest.raises(ImageTooLarge):
+        imageio.plan(img, 32, max_pixels=300 * 200 - 1)
+
+
 # ------------------------------------------------------------------------------------------ rejections
 def test_empty():
     with pytest.raises(EmptyImage):

@@ -36,6 +36,7 @@ from tests.conftest import DATA_ROOT, make_model_folder, needs_data
 SERVER_ENV = {  # small limits keep the error tests cheap
     "ATOP_MAX_REQUEST_BYTES": str(1024 * 1024), "ATOP_MAX_IMAGES": "8", "ATOP_MAX_SAMPLES": "4",
     "ATOP_ALLOW_SEED": "0", "ATOP_WORKERS": "2", "ATOP_ORT_THREADS": "1", "OMP_NUM_THREADS": "1",
+    "ATOP_MAX_REQUEST_PIXELS": str(80_000_000),
 }
 
 
@@ -162,6 +163,23 @@ def test_metadata_get_and_post(server, det_folder):
     page = httpx.get(server.url + "/model_card")  # the same card, for people
     assert page.status_code == 200 and page.headers["content-type"] == "text/markdown; charset=utf-8"
     assert page.text == modelcard.render(card) and page.text.startswith(f"# {card['name']}\n")
+    assert serving["limits"]["max_request_pixels"] == 80_000_000
+
+
+def test_openapi_document_is_valid_and_complete(server):
+    """/docs.json (what /docs shows and clients are generated from): valid OpenAPI 3.0 (BentoML's own document is
+    not: "type": "file", "type": "null"), every status the image endpoints answer, the GET routes."""
+    from openapi_spec_validator import validate
+
+    spec = httpx.get(server.url + "/docs.json").json()
+    validate(spec)
+    paths = spec["paths"]
+    for path in ("/classify", "/classify_batch", "/purify", "/inspect", "/attack_demo"):
+        assert {"200", "400", "413", "415", "422", "503"} <= set(paths[path]["post"]["responses"]), path
+    assert "429" in paths["/attack_demo"]["post"]["responses"]
+    assert "get" in paths["/metadata"] and "text/markdown" in paths["/model_card"]["get"]["responses"]["200"]["content"]
+    image = spec["components"]["schemas"]["ClassifyInput"]["properties"]["image"]
+    assert (image["type"], image["format"]) == ("string", "binary")
 
 
 def test_python_client(server, images, tmp_path):
@@ -206,6 +224,8 @@ ERROR_CASES = {  # name: (path, request keywords, status, text the message holds
     "pillow bomb": ("/classify", {"files": {"image": ("a.png", _png_header_only(20_000, 20_000))}}, 413, "pixels"),
     "too many images": ("/classify_batch", {"files": [("images", (f"{i}.png", GOOD)) for i in range(9)]}, 413,
                         "limit is 8"),
+    "too many pixels in a request": ("/classify_batch", {"files": [("images", (f"{i}.png", _png_header_only(6_000, 5_000)))
+                                                                   for i in range(3)]}, 413, "90.0 MP in all"),
     "no images": ("/classify_batch", {"files": {"samples": (None, "1")}}, 400, "missing file field 'images'"),
     "one bad image in a batch": ("/classify_batch", {"files": [("images", ("a.png", GOOD)), ("images", ("b", b"??")),
                                                                ("images", ("c.png", GOOD))]}, 415, "image 2 of 3"),
@@ -568,9 +588,11 @@ def test_settings_from_env():
     assert s.allow_seed and s.max_samples == 16 and s.providers == ("CPUExecutionProvider",)
     assert Settings.from_env({"ATOP_DEFAULT_SAMPLES": "3"}).default_samples == 3
     for bad in ({"ATOP_MAX_SAMPLES": "lots"}, {"ATOP_ALLOW_SEED": "maybe"}, {"ATOP_MAX_IMAGES": "0"},
-                {"ATOP_DEFAULT_SAMPLES": "9"}, {"ATOP_DEFAULT_SAMPLES": "-1"}, {"ATOP_WORKERS": "-1"}):
+                {"ATOP_DEFAULT_SAMPLES": "9"}, {"ATOP_DEFAULT_SAMPLES": "-1"}, {"ATOP_WORKERS": "-1"},
+                {"ATOP_MAX_REQUEST_PIXELS": "49999999"}, {"ATOP_MAX_PIXELS": "300000000"}):  # budget < one image
         with pytest.raises(AtopError, match="ATOP_"):
             Settings.from_env(bad)
+    assert Settings.from_env({"ATOP_MAX_PIXELS": "1000", "ATOP_MAX_REQUEST_PIXELS": "1000"}).max_request_pixels == 1000
 
 
 def test_tracing_setting(tmp_path):
@@ -613,12 +635,24 @@ def test_model_from_bentoml_store(det_folder, tmp_path):
     assert json.loads(Path(card_path).read_text())["name"] == "random-0" and tag.startswith("atop-test:")
 
 
+def _decoding_worker():
+    """A stand-in for a service worker with only what decoding needs: the service's own decoding methods."""
+    import functools
+    import types
+
+    from atop_serve import service
+
+    worker = types.SimpleNamespace(_decoding=None, size=32)
+    for name in ("_decode", "_decode_all", "_open", "_pixels"):
+        setattr(worker, name, functools.partial(getattr(service.AtopService.inner, name), worker))
+    return worker
+
+
 def test_large_files_are_opened_off_the_event_loop(monkeypatch):
     """A file above INLINE_DECODE_BYTES is opened (its header read) in a decoding thread, not on the event loop: a
     32x32 PNG with hundreds of thousands of empty chunks takes seconds to open and would stall the whole worker."""
     import asyncio
     import threading
-    import types
 
     from atop_serve import service
     from atop_serve.forms import Upload
@@ -628,10 +662,38 @@ def test_large_files_are_opened_off_the_event_loop(monkeypatch):
     small = png(np.zeros((32, 32, 3), np.uint8))
     chunk = struct.pack(">I", 0) + b"abCd" + struct.pack(">I", zlib.crc32(b"abCd"))  # an empty ancillary chunk
     large = small[:33] + chunk * 10_000 + small[33:]  # 32x32, 120 KB: chunks after IHDR
-    worker = types.SimpleNamespace(_decoding=None, size=32)
+    worker = _decoding_worker()
 
     async def decode_both():
-        return [await service.AtopService.inner._decode(worker, Upload(data)) for data in (small, large)]
+        return [await worker._decode(Upload(data)) for data in (small, large)]
 
     assert asyncio.run(decode_both()) == [bytes(32 * 32 * 3)] * 2
     assert opened_in[0] == threading.get_ident() != opened_in[1]
+
+
+def test_request_pixel_budget_is_checked_before_any_decoding(monkeypatch):
+    """ATOP_MAX_REQUEST_PIXELS: a /classify_batch whose images decode to more pixels in all is refused (413) after
+    reading headers only, naming the total and the limit; within it every image decodes, in order."""
+    import asyncio
+    import dataclasses
+
+    from atop_serve import service
+    from atop_serve.forms import Rejected, Upload
+
+    monkeypatch.setattr(service, "SETTINGS", dataclasses.replace(service.SETTINGS, max_pixels=2_000_000,
+                                                                 max_request_pixels=5_000_000))
+    decoded, to_pixels = [], service.to_pixels
+    monkeypatch.setattr(service, "to_pixels", lambda img, *a: decoded.append(img.size) or to_pixels(img, *a))
+    worker = _decoding_worker()
+    big = Upload(png(np.zeros((1000, 2000, 3), np.uint8)))  # 2 MP, a few KB
+
+    def run(uploads):
+        return asyncio.run(worker._decode_all(uploads, [f"image {i + 1}: " for i in range(len(uploads))]))
+    with pytest.raises(Rejected) as e:
+        run([big, big, big])  # 6 MP > 5 MP
+    assert e.value.error_code == 413 and "6.0 MP in all" in str(e.value) and "5 MP per request" in str(e.value)
+    assert decoded == []  # refused from the headers
+    small = Upload(png(np.full((32, 32, 3), 7, np.uint8)))
+    assert run([big, small, big]) == [bytes(32 * 32 * 3), bytes([7]) * (32 * 32 * 3), bytes(32 * 32 * 3)]
+    with pytest.raises(Rejected, match="image 2: the file is not an image"):
+        run([big, Upload(b"??"), big])
