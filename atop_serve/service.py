@@ -46,8 +46,8 @@ from .fastpath import ClassifyForm, FastClassify
 from .forms import MAX_SEED, BatchInput, ClassifyInput, NoInput, PurifyInput, Rejected, Upload
 from .imageio import FORMAT_NAMES, REDUCING_GAP, RESAMPLE, encode_png, open_image, plan, to_pixels
 from .middleware import BodyLimit, ErrorBody
-from .openapi import CompleteSpec
 from .modelio import default_samples
+from .openapi import CompleteSpec
 
 SETTINGS = settings.load()
 MODEL_FOLDER, MODEL_TAG = settings.resolve_model(SETTINGS.model)  # at import: `bentoml serve` fails fast, clearly
@@ -381,7 +381,7 @@ class AtopService:
                 try:
                     costs.append(plan(img, self.size, SETTINGS.max_pixels))
                 except ImageError as e:
-                    raise Rejected(f"{where}{e}", e.http_status) from None
+                    raise _as_rejected(e, where) from None
             if sum(costs) > SETTINGS.max_request_pixels:
                 raise Rejected(f"the {len(uploads)} images of this request decode to {sum(costs) / 1e6:.1f} MP in all; "
                                f"the limit is {SETTINGS.max_request_pixels / 1e6:g} MP per request: send fewer or "
