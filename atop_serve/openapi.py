@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 
+from .imageio import FORMAT_NAMES
+
 SPEC_PATH = "/docs.json"
 ERROR_SCHEMA = "AtopError"
 IMAGE_ENDPOINTS = ("/classify", "/classify_batch", "/purify", "/inspect", "/attack_demo")
 IMAGE_ERRORS = {  # status: when (docs/service.md, "Errors")
     "413": "Too large: the request body (ATOP_MAX_REQUEST_BYTES), an image (ATOP_MAX_PIXELS), the images of one "
            "request in all (ATOP_MAX_REQUEST_PIXELS) or their number (ATOP_MAX_IMAGES).",
-    "415": "Not multipart/form-data, or a file that is not an image in an accepted format (PNG, JPEG, WebP, BMP, "
-           "GIF, TIFF).",
+    "415": f"Not multipart/form-data, or a file that is not an image in an accepted format ({FORMAT_NAMES}).",
     "422": "An image in an accepted format, but truncated or damaged.",
     "503": "Overloaded: the request's rows waited longer than ATOP_MAX_LATENCY_MS for the model, or too many "
            "requests are in flight; retry after the Retry-After header's seconds.",

@@ -382,8 +382,9 @@ class AtopService:
                     costs.append(plan(img, self.size, SETTINGS.max_pixels))
                 except ImageError as e:
                     raise _as_rejected(e, where) from None
-            if sum(costs) > SETTINGS.max_request_pixels:
-                raise Rejected(f"the {len(uploads)} images of this request decode to {sum(costs) / 1e6:.1f} MP in all; "
+            total = sum(costs)
+            if total > SETTINGS.max_request_pixels:
+                raise Rejected(f"the {len(uploads)} images of this request decode to {total / 1e6:.1f} MP in all; "
                                f"the limit is {SETTINGS.max_request_pixels / 1e6:g} MP per request: send fewer or "
                                "smaller images in each", 413)
         except BaseException:
