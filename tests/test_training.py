@@ -30,10 +30,10 @@ def _train(out, **kw):
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
-    """One standard 4-epoch run on 2,000 images, shared by the tests that need a trained standard classifier (its
+    """One standard 3-epoch run on 2,000 images, shared by the tests that need a trained standard classifier (its
     folder is read-only to them: copy it before changing anything)."""
     out = tmp_path_factory.mktemp("short") / "clf"
-    return {"out": out, **_train(out, epochs=4)}
+    return {"out": out, **_train(out, epochs=3)}
 
 
 def test_short_classifier_run_beats_chance(short_run):
@@ -47,7 +47,8 @@ def test_short_classifier_run_beats_chance(short_run):
 def test_resume_reproduces_uninterrupted_weights(tmp_path):
     from training.classifier import ClassifierConfig, train
 
-    base = {"limit": 1000, "eval_n": 100, "epochs": 2, "batch_size": 250, "data": str(DATA_ROOT)}
+    # 4 steps per epoch: the schedule, the momentum and a Lookahead update (every 5th step) all cross the resume
+    base = {"limit": 500, "eval_n": 100, "epochs": 2, "batch_size": 125, "data": str(DATA_ROOT)}
     train(ClassifierConfig(**base), tmp_path / "a", show_progress=False)
     train(ClassifierConfig(**base, stop_after=1), tmp_path / "b", show_progress=False)
     assert not (tmp_path / "b" / modelio.CLASSIFIER_FILE).exists()  # stopped before the end
@@ -58,12 +59,12 @@ def test_resume_reproduces_uninterrupted_weights(tmp_path):
 
 def test_adversarial_training_buys_robustness(tmp_path, short_run):
     """N-FGSM adversarial training on a small subset ends with PGD-10 accuracy (against itself) well above the
-    standard run's (same data, epochs and batches), records it in the card, and learns its first conv instead of
+    standard run's (same data and batches, fewer epochs), records it in the card, and learns its first conv instead of
     freezing a whitening one."""
     from training.classifier import pgd_accuracy
 
     std = short_run
-    at = _train(tmp_path / "at", limit=2000, eval_n=200, epochs=4, batch_size=200, tta="none", adversarial="n-fgsm")
+    at = _train(tmp_path / "at", limit=2000, eval_n=200, epochs=2, batch_size=200, tta="none", adversarial="n-fgsm")
     card = modelio.read_card(tmp_path / "at")["classifier"]["metrics"]
     assert card["pgd10_images"] == 200 and 0 <= card["test_acc_pgd10_tta_none"] <= 1
     from training.data import load_cifar10
@@ -256,14 +257,14 @@ def test_distillation_learns_the_teachers_targets(tmp_path, short_run):
     card["classifier"]["sha256"] = modelio.sha256(tmp_path / "t" / modelio.CLASSIFIER_FILE)
     modelio.write_card(tmp_path / "t", card)
 
-    _train(tmp_path / "s", epochs=4, teachers=(str(tmp_path / "t"),), distill=1.0, tta="none")
+    _train(tmp_path / "s", epochs=2, teachers=(str(tmp_path / "t"),), distill=1.0, tta="none")
     student = modelio.load_classifier(tmp_path / "s")
     from training.data import load_cifar10
 
     test = load_cifar10(str(DATA_ROOT))[1].balanced_subset(500)
     with torch.no_grad():
         pred = student(test.images.float() / 255).argmax(1)
-    assert (pred == (test.labels + 1) % 10).float().mean() > 0.25  # the teacher's (rotated) classes
+    assert (pred == (test.labels + 1) % 10).float().mean() > 0.2  # the teacher's (rotated) classes; chance 0.1
     assert (pred == test.labels).float().mean() < 0.15
     assert modelio.read_card(tmp_path / "s")["classifier"]["training"]["teachers"][0]["folder"] == str(tmp_path / "t")
 
