@@ -15,6 +15,9 @@ Policy (what users' photos go through, in order):
   6. resize: the whole image to size x size (no crop: the aspect ratio is not kept), bicubic with
      antialiasing (``Image.Resampling.BICUBIC``, ``reducing_gap=3.0``); a size x size image is untouched.
 
+A PNG whose pixel data ends early but cleanly, which Pillow would decode with black rows, is refused
+(``png.check_complete``).
+
 Every failure raises an :class:`~atop_serve.errors.ImageError` subclass: EmptyImage, NotAnImage,
 CorruptImage (truncated or damaged) or ImageTooLarge.
 """
@@ -25,6 +28,7 @@ import io
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from . import png
 from .errors import CorruptImage, EmptyImage, ImageTooLarge, NotAnImage
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # JPEG also opens camera MPO files
@@ -75,10 +79,13 @@ def to_pixels(img: Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS)
     """An opened image (``open_image``) -> uint8 RGB (size, size, 3): the module's policy (limit, orientation,
     colour, resize)."""
     plan(img, size, max_pixels)
+    source = img.fp  # load() lets go of it
     try:
         img.load()
     except Exception as e:  # noqa: BLE001
         raise CorruptImage(f"the image is truncated or damaged: {_reason(e)}") from None
+    if img.format == "PNG" and isinstance(source, io.BytesIO):
+        png.check_complete(source.getvalue(), img)
     try:
         if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
             img = ImageOps.exif_transpose(img)

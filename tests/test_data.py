@@ -14,6 +14,7 @@ from PIL import Image
 from atop_serve.errors import DataError
 from training.data import augment, load_cifar10, load_split
 
+from ._png import png_rgb
 from .conftest import DATA_ROOT, needs_data
 
 CLASSES = ["cat", "dog", "frog"]
@@ -108,7 +109,7 @@ def test_concurrent_cache_writers_do_not_collide(tmp_path, monkeypatch):
     assert torch.equal(load_split(root, "train").images, mine.images)  # from the cache now
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "mismatch", "empty-class"])
+@pytest.mark.parametrize("case", ["missing", "empty", "corrupt", "cut-png", "mismatch", "empty-class"])
 def test_errors_name_the_problem(tmp_path, case):
     root = tmp_path / "ds"
     if case == "missing":
@@ -120,6 +121,11 @@ def test_errors_name_the_problem(tmp_path, case):
         _folder(root)
         (root / "train" / "dog" / "0002.png").write_bytes(b"not an image at all")
         expect = "0002.png"
+    elif case == "cut-png":  # its pixel data ends cleanly after 16 of 32 rows: Pillow alone reads it, half black
+        _folder(root)
+        cut = png_rgb(np.full((32, 32, 3), 200, np.uint8), keep_bytes=16 * (1 + 32 * 3))
+        (root / "train" / "dog" / "0003.png").write_bytes(cut)
+        expect = "0003.png: the PNG's pixel data ends early"
     elif case == "mismatch":
         _folder(root, splits=("train",))
         _folder(root, splits=("test",), classes=["cat", "dog", "horse"])

@@ -13,6 +13,8 @@ from PIL import Image
 from atop_serve import imageio
 from atop_serve.errors import CorruptImage, EmptyImage, ImageError, ImageTooLarge, NotAnImage
 
+from ._png import png_header_only, png_rgb
+
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 
 
@@ -214,18 +216,72 @@ def test_truncated(pattern, fmt, kw, keep):
         imageio.decode(data[: int(len(data) * keep)])
 
 
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height pixels (a decompression bomb's header) with no real data."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+@pytest.mark.parametrize("interlaced", [False, True])
+@pytest.mark.parametrize("w,h", [(13, 7), (9, 9), (1, 1), (5, 1), (1, 6)])
+def test_png_whose_pixel_data_ends_early_is_refused(w, h, interlaced):
+    """Every cut of the pixel data (a clean zlib stream shorter than the header declares) is refused: Pillow
+    catches a cut inside a row, but fills the image with black after a cut at a row's end and says nothing;
+    those are exactly the ones png.check_complete refuses. Complete files pass, black last rows included (the
+    case the check inflates the stream for)."""
+    from atop_serve import png
 
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    rng = np.random.default_rng(w * h)
+    pixels = rng.integers(1, 256, (h, w, 3), dtype=np.uint8)
+    full = png_rgb(pixels, interlaced)
+    with Image.open(io.BytesIO(full)) as im:  # the hand-written encoder is right: Pillow reads it back
+        assert np.array_equal(np.asarray(im.convert("RGB")), pixels)
+    raw = png.raw_size(w, h, 8, 2, interlaced)
+    assert raw == len(zlib.decompress(full[full.index(b"IDAT") + 4:]))  # its one IDAT's stream, IEND ignored
+    assert imageio.decode(full, size=w).shape == (w, w, 3)  # complete: accepted
+    dark = pixels.copy()
+    dark[-2:] = 0
+    imageio.decode(png_rgb(dark, interlaced))  # black last rows, complete: accepted
+    pillow_silent, ends_early = [], []
+    for keep in range(raw):
+        cut = png_rgb(pixels, interlaced, keep_bytes=keep)
+        try:
+            with Image.open(io.BytesIO(cut)) as im:
+                im.load()
+            pillow_silent.append(keep)
+        except OSError:
+            pass
+        with pytest.raises(CorruptImage) as e:
+            imageio.decode(cut)
+        if "ends early" in str(e.value):
+            ends_early.append(keep)
+    assert ends_early == pillow_silent
+    assert pillow_silent or (w * h == 1 or (h == 1 and not interlaced))  # the rows' ends inside the data
+
+
+def test_png_completeness_is_checked_only_where_a_cut_would_show():
+    """The second inflate runs only for a decoded image whose last written row is all zero: the last row, the
+    last odd row with Adam7 (its seventh pass writes them last), any zero pixel of a one-row Adam7 image."""
+    from atop_serve import png
+
+    for mode, zero, one in (("L", 0, 1), ("RGB", (0, 0, 0), (0, 7, 0)), ("RGBA", (0, 0, 0, 0), (0, 0, 0, 1)),
+                            ("I;16", 0, 1), ("P", 0, 1), ("1", 0, 1)):
+        img = Image.new(mode, (5, 5), one)  # a zero channel is not a zero pixel
+        assert not png.might_be_cut(img), mode
+        img.paste(zero, (0, 4, 4, 5))
+        assert not png.might_be_cut(img), mode  # one pixel of the last row is still written
+        img.putpixel((4, 4), zero)
+        assert png.might_be_cut(img), mode
+    img = Image.new("L", (4, 5), 9)
+    img.info["interlace"] = 1
+    img.paste(0, (0, 4, 4, 5))
+    assert not png.might_be_cut(img)  # with Adam7, row 4 is written before row 3
+    img.paste(0, (0, 3, 4, 4))
+    assert png.might_be_cut(img)
+    row = Image.new("L", (5, 1), 9)
+    row.info["interlace"] = 1
+    assert not png.might_be_cut(row)
+    row.putpixel((3, 0), 0)
+    assert png.might_be_cut(row)
 
 
 def test_too_many_pixels_checked_before_decoding():
     with pytest.raises(ImageTooLarge, match="MP"):
-        imageio.decode(_png_header_only(10_000, 6_000))  # 60 MP > 50 MP default (< Pillow's own 89 MP warning)
+        imageio.decode(png_header_only(10_000, 6_000))  # 60 MP > 50 MP default (< Pillow's own 89 MP warning)
     with pytest.raises(ImageTooLarge):
         imageio.decode(encode(Image.new("RGB", (64, 64)), "PNG"), max_pixels=1000)
 
@@ -233,7 +289,7 @@ def test_too_many_pixels_checked_before_decoding():
 def test_pillow_bomb_error_is_too_large():
     # above twice Image.MAX_IMAGE_PIXELS Pillow itself refuses at open, whatever our own limit
     with pytest.raises(ImageTooLarge):
-        imageio.decode(_png_header_only(20_000, 20_000), max_pixels=10**12)
+        imageio.decode(png_header_only(20_000, 20_000), max_pixels=10**12)
 
 
 def test_real_compressed_bomb():

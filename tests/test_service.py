@@ -30,6 +30,7 @@ from atop_serve.engine import OnnxEngine, TorchEngine, load_engine, request_draw
 from atop_serve.errors import AtopError, ModelError
 from atop_serve.settings import Settings, model_tag
 
+from tests._png import png_header_only, png_rgb
 from tests._server import REPO, export_folder, png, serve
 from tests.conftest import DATA_ROOT, make_model_folder, needs_data
 
@@ -195,14 +196,6 @@ def test_python_client(server, images, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ errors
-def _png_header_only(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-
-
 def _chunked_upload():
     yield b'--bnd\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'
     for _ in range(3):
@@ -216,15 +209,17 @@ ERROR_CASES = {  # name: (path, request keywords, status, text the message holds
     "empty file": ("/classify", {"files": {"image": ("a.png", b"")}}, 400, "empty"),
     "not an image": ("/classify", {"files": {"image": ("a.txt", b"hello, world")}}, 415, "not an image"),
     "truncated": ("/classify", {"files": {"image": ("a.jpg", JPEG[: len(JPEG) // 2])}}, 422, "truncated"),
+    "png cut at a row's end": ("/classify", {"files": {"image": ("a.png", png_rgb(np.full((32, 32, 3), 9, np.uint8),
+                                                                       keep_bytes=16 * 97))}}, 422, "ends early"),
     "too many bytes": ("/classify", {"files": {"image": ("a.png", b"\0" * (1024 * 1024 + 10))}}, 413, "too large"),
     "too many bytes streamed": ("/classify", {"content": _chunked_upload,
                                               "headers": {"content-type": "multipart/form-data; boundary=bnd"}},
                                 413, "too large"),
-    "too many pixels": ("/classify", {"files": {"image": ("a.png", _png_header_only(10_000, 6_000))}}, 413, "MP"),
-    "pillow bomb": ("/classify", {"files": {"image": ("a.png", _png_header_only(20_000, 20_000))}}, 413, "pixels"),
+    "too many pixels": ("/classify", {"files": {"image": ("a.png", png_header_only(10_000, 6_000))}}, 413, "MP"),
+    "pillow bomb": ("/classify", {"files": {"image": ("a.png", png_header_only(20_000, 20_000))}}, 413, "pixels"),
     "too many images": ("/classify_batch", {"files": [("images", (f"{i}.png", GOOD)) for i in range(9)]}, 413,
                         "limit is 8"),
-    "too many pixels in a request": ("/classify_batch", {"files": [("images", (f"{i}.png", _png_header_only(6_000, 5_000)))
+    "too many pixels in a request": ("/classify_batch", {"files": [("images", (f"{i}.png", png_header_only(6_000, 5_000)))
                                                                    for i in range(3)]}, 413, "90.0 MP in all"),
     "no images": ("/classify_batch", {"files": {"samples": (None, "1")}}, 400, "missing file field 'images'"),
     "one bad image in a batch": ("/classify_batch", {"files": [("images", ("a.png", GOOD)), ("images", ("b", b"??")),

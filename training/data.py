@@ -190,13 +190,19 @@ def _list_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
 def _decode(path: Path, size: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    from atop_serve import png
+    from atop_serve.errors import CorruptImage
+
     try:
         with Image.open(path) as im:
+            im.load()
+            if im.format == "PNG" and png.might_be_cut(im):  # Pillow would fill the missing rows with black
+                png.check_complete(path.read_bytes(), im)
             im = im.convert("RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
             return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, CorruptImage) as e:
         raise DataError(f"cannot decode image {path}: {e}") from None
 
 
