@@ -216,6 +216,26 @@ def test_truncated(pattern, fmt, kw, keep):
         imageio.decode(data[: int(len(data) * keep)])
 
 
+@pytest.mark.parametrize("fmt,kw", [("PNG", {}), ("PNG", {"optimize": True}), ("JPEG", {}), ("WEBP", {}),
+                                    ("WEBP", {"lossless": True}), ("BMP", {}), ("GIF", {}), ("TIFF", {}),
+                                    ("TIFF", {"compression": "tiff_deflate"}), ("TIFF", {"compression": "tiff_lzw"})])
+def test_no_cut_of_a_file_is_read_as_other_pixels(pattern, fmt, kw):
+    """Every prefix of a file (an upload cut short anywhere) is refused with an image error or, where only
+    trailing bytes the pixels do not need are missing (PNG's IEND, GIF's trailer), decodes to the same pixels:
+    never to an image with missing parts filled in."""
+    data = encode(Image.fromarray(pattern), fmt, **kw)
+    full = imageio.decode(data)
+    same = []
+    for keep in range(len(data)):
+        try:
+            out = imageio.decode(data[:keep])
+        except ImageError:
+            continue
+        assert np.array_equal(out, full), (keep, len(data))
+        same.append(keep)
+    assert all(keep >= len(data) - 32 for keep in same), same
+
+
 @pytest.mark.parametrize("interlaced", [False, True])
 @pytest.mark.parametrize("w,h", [(13, 7), (9, 9), (1, 1), (5, 1), (1, 6)])
 def test_png_whose_pixel_data_ends_early_is_refused(w, h, interlaced):
