@@ -77,7 +77,7 @@ def check_complete(data: bytes, img: Image.Image) -> None:
         return  # a damaged stream is Pillow's to report, and it did not: leave its reading as it is
     if got < expected:
         raise CorruptImage(f"the PNG's pixel data ends early: {got:,} of the {expected:,} bytes its "
-                           f"{width}x{height} header declares (the rest would be black)")
+                           f"{width}x{height} header declares (the missing rows would read as zeros: black)")
 
 
 def inflated_size(pieces, limit: int) -> int:
