@@ -58,7 +58,7 @@ def check_complete(data: bytes, img: Image.Image) -> None:
     view, pos = memoryview(data), len(SIGNATURE)
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        if kind == b"IHDR":
+        if kind == b"IHDR" and header is None:  # the first, as Pillow reads it
             header = data[pos + 8:pos + 8 + length]
         elif kind == b"IDAT":
             idat.append(view[pos + 8:pos + 8 + length])

@@ -273,6 +273,23 @@ def test_png_whose_pixel_data_ends_early_is_refused(w, h, interlaced):
     assert pillow_silent or (w * h == 1 or (h == 1 and not interlaced))  # the rows' ends inside the data
 
 
+@pytest.mark.parametrize("mode,bits", [("1", None), ("L", None), ("L", 2), ("L", 4), ("P", None), ("P", 1),
+                                       ("LA", None), ("RGB", None), ("RGBA", None), ("I;16", None)])
+def test_complete_pngs_of_every_mode_pass_the_completeness_check(mode, bits):
+    """No false alarm: Pillow-written PNGs of every mode and bit depth, black last rows included (the check then
+    inflates the stream and counts it), decode."""
+    rng = np.random.default_rng(7)
+    for w, h in ((1, 1), (3, 2), (9, 5), (17, 13)):
+        if mode == "I;16":
+            img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+        elif mode in ("1", "L", "P"):
+            img = Image.fromarray(rng.integers(0, 2 ** (bits or 8), (h, w), dtype=np.uint8)).convert(mode)
+        else:
+            img = Image.fromarray(rng.integers(0, 256, (h, w, len(mode)), dtype=np.uint8))
+        img.paste(0 if len(img.getbands()) == 1 else (0,) * len(img.getbands()), (0, max(0, h - 2), w, h))
+        assert imageio.decode(encode(img, "PNG", **({"bits": bits} if bits else {}))).shape == (32, 32, 3)
+
+
 def test_png_completeness_is_checked_only_where_a_cut_would_show():
     """The second inflate runs only for a decoded image whose last written row is all zero: the last row, the
     last odd row with Adam7 (its seventh pass writes them last), any zero pixel of a one-row Adam7 image."""
