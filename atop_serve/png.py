@@ -49,9 +49,10 @@ def might_be_cut(img: Image.Image) -> bool:
     return bool(zero.any() if interlaced and h == 1 else zero.all())
 
 
-def check_complete(data: bytes, img: Image.Image) -> None:
-    """Raise CorruptImage if the PNG ``data`` (already decoded into ``img``) has less pixel data than its header
-    declares. Cheap unless ``might_be_cut(img)``; animated PNGs (their frames are other chunks) are not checked."""
+def check_complete(data, img: Image.Image) -> None:
+    """Raise CorruptImage if the PNG ``data`` (bytes or a buffer; already decoded into ``img``) has less pixel
+    data than its header declares. Cheap unless ``might_be_cut(img)``; animated PNGs (their frames are other
+    chunks) are not checked."""
     if getattr(img, "is_animated", False) or not might_be_cut(img):
         return
     header, idat = None, []
