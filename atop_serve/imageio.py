@@ -84,8 +84,8 @@ def to_pixels(img: Image.Image, size: int, max_pixels: int = DEFAULT_MAX_PIXELS)
         img.load()
     except Exception as e:  # noqa: BLE001
         raise CorruptImage(f"the image is truncated or damaged: {_reason(e)}") from None
-    if img.format == "PNG" and isinstance(source, io.BytesIO) and png.might_be_cut(img):
-        png.check_complete(source.getbuffer(), img)  # the upload's bytes, not a copy
+    if isinstance(source, io.BytesIO):  # open_image's: the upload's bytes, read without a copy
+        png.check_complete(img, source.getbuffer)
     try:
         if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
             img = ImageOps.exif_transpose(img)

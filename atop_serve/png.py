@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -33,8 +34,7 @@ def raw_size(width: int, height: int, bit_depth: int, colour_type: int, interlac
 
     if not interlaced:
         return rows(width, height)
-    return sum(rows((width - x0 + dx - 1) // dx if width > x0 else 0, (height - y0 + dy - 1) // dy if height > y0 else 0)
-               for x0, y0, dx, dy in ADAM7)
+    return sum(rows((width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy) for x0, y0, dx, dy in ADAM7)  # 0 if empty
 
 
 def might_be_cut(img: Image.Image) -> bool:
@@ -49,12 +49,13 @@ def might_be_cut(img: Image.Image) -> bool:
     return bool(zero.any() if interlaced and h == 1 else zero.all())
 
 
-def check_complete(data, img: Image.Image) -> None:
-    """Raise CorruptImage if the PNG ``data`` (bytes or a buffer; already decoded into ``img``) has less pixel
-    data than its header declares. Cheap unless ``might_be_cut(img)``; animated PNGs (their frames are other
-    chunks) are not checked."""
-    if getattr(img, "is_animated", False) or not might_be_cut(img):
+def check_complete(img: Image.Image, read: Callable[[], bytes | memoryview]) -> None:
+    """Raise CorruptImage if ``img``, a decoded image, is a PNG with less pixel data than its header declares.
+    ``read()`` gives the file's bytes (or a buffer of them); it is called, and the stream inflated again, only
+    when ``might_be_cut(img)``. Other formats and animated PNGs (their frames are other chunks) pass unchecked."""
+    if img.format != "PNG" or getattr(img, "is_animated", False) or not might_be_cut(img):
         return
+    data = read()
     header, idat = None, []
     view, pos = memoryview(data), len(SIGNATURE)
     while pos + 8 <= len(data):

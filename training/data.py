@@ -196,8 +196,7 @@ def _decode(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
-            if im.format == "PNG" and png.might_be_cut(im):  # Pillow would fill the missing rows with black
-                png.check_complete(path.read_bytes(), im)
+            png.check_complete(im, path.read_bytes)  # a cut PNG, which Pillow reads with black rows
             im = im.convert("RGB")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=None)
